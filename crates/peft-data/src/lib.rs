@@ -1,0 +1,1 @@
+//! peft-data
