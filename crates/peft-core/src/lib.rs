@@ -1,1 +1,32 @@
-//! peft-core
+//! peft-core: the tuning plan, adapter methods, tunable layers and adapter I/O of peft-rs.
+//!
+//! Models are written against [`ModelBuilder`], which knows the Hugging Face module path of each
+//! layer. A layer built with [`ModelBuilder::linear`] is a [`TunableLinear`]: the frozen base plus
+//! whatever the [`TuningPlan`] assigns to its path. Trainable values are `Var`s in one
+//! [`ParamStore`]; frozen weights stay plain tensors and get no gradient (see [`ops`]).
+
+pub mod adapter_io;
+mod builder;
+pub mod device;
+mod error;
+pub mod fsio;
+mod layers;
+mod linear;
+mod lora;
+pub mod ops;
+mod params;
+mod plan;
+mod registry;
+mod target;
+mod weights;
+
+pub use builder::{ModelBuilder, TunedParts};
+pub use error::{PeftError, Result};
+pub use layers::{Embedding, LayerNorm};
+pub use linear::TunableLinear;
+pub use lora::LoraAdapter;
+pub use params::ParamStore;
+pub use plan::{AdapterConfig, CompiledPlan, LoraConfig, LoraInit, TuningPlan};
+pub use registry::Registry;
+pub use target::{TargetMatcher, TargetModules};
+pub use weights::{Init, WeightSource};

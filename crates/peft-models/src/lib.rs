@@ -1,1 +1,8 @@
-//! peft-models
+//! peft-models: model definitions with Hugging Face module paths, written against
+//! [`peft_core::ModelBuilder`] so that adapters are injected at construction.
+
+pub mod bert;
+pub mod resolve;
+
+pub use bert::{BertConfig, BertForTokenClassification, BertModel};
+pub use resolve::{resolve_model, ModelFiles, ResolveError};

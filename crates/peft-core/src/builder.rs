@@ -1,0 +1,259 @@
+//! The path-aware model builder: it knows the dotted module path (the Hugging Face name) of the
+//! layer being built, loads frozen weights by that name and gives each layer what the tuning plan
+//! says: frozen, fully trainable, or frozen with an adapter.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+
+use crate::error::{PeftError, Result};
+use crate::layers::{Embedding, LayerNorm};
+use crate::linear::TunableLinear;
+use crate::lora::LoraAdapter;
+use crate::ops::{Dropout, DropoutRng};
+use crate::params::ParamStore;
+use crate::plan::{CompiledPlan, TuningPlan};
+use crate::registry::Registry;
+use crate::weights::{random_tensor, Init, WeightSource};
+
+struct Shared {
+    weights: WeightSource,
+    plan: CompiledPlan,
+    params: ParamStore,
+    registry: Registry,
+    dtype: DType,
+    device: Device,
+    /// Checkpoint names may lack the task model's prefix (`bert.`): a `BertModel` checkpoint
+    /// loads into `BertForTokenClassification` as in transformers.
+    strip_prefix: Option<String>,
+    dropout_rng: DropoutRng,
+    init_rng: Mutex<rand::rngs::StdRng>,
+    fingerprint: Mutex<BTreeMap<String, [u8; 32]>>,
+}
+
+/// Builds a model layer by layer; cheap to clone, each clone at its own path.
+#[derive(Clone)]
+pub struct ModelBuilder {
+    shared: Arc<Shared>,
+    path: Vec<String>,
+}
+
+/// What construction leaves behind for training, saving and merging.
+#[derive(Clone, Debug)]
+pub struct TunedParts {
+    /// The trainable parameters.
+    pub params: ParamStore,
+    /// Every tunable linear, by path.
+    pub registry: Registry,
+    /// A digest of the frozen base weights the model was built on.
+    pub base_fingerprint: String,
+    /// The plan the model was built with.
+    pub plan: TuningPlan,
+    /// The seeded stream shared by every dropout layer.
+    pub dropout_rng: DropoutRng,
+}
+
+impl ModelBuilder {
+    /// A builder over `weights`, applying `plan`.
+    pub fn new(weights: WeightSource, plan: TuningPlan, dtype: DType, device: Device) -> Result<Self> {
+        let seed = plan.seed;
+        let plan = CompiledPlan::new(plan)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                weights,
+                plan,
+                params: ParamStore::default(),
+                registry: Registry::default(),
+                dtype,
+                device,
+                strip_prefix: None,
+                dropout_rng: DropoutRng::new(seed.wrapping_add(1)),
+                init_rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+                fingerprint: Mutex::new(BTreeMap::new()),
+            }),
+            path: vec![],
+        })
+    }
+
+    /// Lets checkpoint names omit `prefix.` (set before building any layer).
+    pub fn with_optional_prefix(mut self, prefix: &str) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.strip_prefix = Some(format!("{prefix}."));
+        }
+        self
+    }
+
+    /// A builder one level down, at `self.path + "." + name`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let mut path = self.path.clone();
+        path.push(name.to_string());
+        Self {
+            shared: self.shared.clone(),
+            path,
+        }
+    }
+
+    /// The dotted module path of this builder.
+    pub fn path(&self) -> String {
+        self.path.join(".")
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path())
+        }
+    }
+
+    /// The device layers are built on.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+
+    /// The dtype of frozen weights.
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    fn load_base(&self, name: &str, shape: &Shape, init: Init) -> Result<Tensor> {
+        let s = &self.shared;
+        let mut key = name.to_string();
+        if !s.weights.contains(&key) {
+            if let Some(stripped) = s.strip_prefix.as_deref().and_then(|p| name.strip_prefix(p)) {
+                if s.weights.contains(stripped) {
+                    key = stripped.to_string();
+                }
+            }
+        }
+        if !s.weights.contains(&key) {
+            return Err(PeftError::MissingTensor {
+                files: s.weights.describe(),
+                name: key,
+                path: name.into(),
+            });
+        }
+        let t = s.weights.load(&key, shape, init, s.dtype, &s.device)?;
+        let digest = tensor_digest(name, &t)?;
+        s.fingerprint.lock().unwrap_or_else(|e| e.into_inner()).insert(name.into(), digest);
+        Ok(t)
+    }
+
+    /// A base parameter `name` under this path: a frozen tensor, or a trainable `Var` (registered
+    /// in the parameter store) when the plan unfreezes it.
+    pub fn param(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let t = self.load_base(&full, &shape.into(), init)?;
+        if self.shared.plan.is_unfrozen(&full) {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            self.shared.params.insert(&full, var.clone())?;
+            Ok(var.as_tensor().clone())
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// A new trainable parameter that no checkpoint holds (a task head), seeded from the plan.
+    pub fn new_param(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let seed = rand::Rng::gen::<u64>(&mut *self.shared.init_rng.lock().unwrap_or_else(|e| e.into_inner()));
+        let t = random_tensor(seed, &full, &shape.into(), init, &self.shared.device)?;
+        let var = Var::from_tensor(&t)?;
+        self.shared.params.insert(&full, var.clone())?;
+        Ok(var.as_tensor().clone())
+    }
+
+    /// The base linear `name` (`weight` `out × in`, optional `bias`), with the adapter the plan
+    /// assigns to its path.
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool, name: &str) -> Result<Arc<TunableLinear>> {
+        let b = self.pp(name);
+        let weight = b.param("weight", (out_dim, in_dim), Init::Normal(0.02))?;
+        let bias = if bias { Some(b.param("bias", out_dim, Init::Zeros)?) } else { None };
+        b.finish_linear(weight, bias, false)
+    }
+
+    /// A new, fully trainable linear that no checkpoint holds (a task head), initialised as
+    /// transformers does (normal with std 0.02, zero bias).
+    pub fn new_linear(&self, in_dim: usize, out_dim: usize, name: &str) -> Result<Arc<TunableLinear>> {
+        let b = self.pp(name);
+        let weight = b.new_param("weight", (out_dim, in_dim), Init::Normal(0.02))?;
+        let bias = b.new_param("bias", out_dim, Init::Zeros)?;
+        b.finish_linear(weight, Some(bias), true)
+    }
+
+    fn finish_linear(&self, weight: Tensor, bias: Option<Tensor>, is_head: bool) -> Result<Arc<TunableLinear>> {
+        let path = self.path();
+        let (out_dim, in_dim) = weight.dims2()?;
+        let lora = match self.shared.plan.lora_for(&path, is_head) {
+            Some(cfg) => {
+                let mut rng = self.shared.init_rng.lock().unwrap_or_else(|e| e.into_inner());
+                let dropout = Dropout::new(cfg.lora_dropout, self.shared.dropout_rng.clone());
+                let adapter = LoraAdapter::new(cfg, in_dim, out_dim, dropout, &mut *rng, DType::F32, &self.shared.device)?;
+                self.shared.params.insert(&format!("{path}.lora_A.weight"), adapter.a.clone())?;
+                self.shared.params.insert(&format!("{path}.lora_B.weight"), adapter.b.clone())?;
+                Some(adapter)
+            }
+            None => None,
+        };
+        let linear = Arc::new(TunableLinear::new(path, weight, bias, lora));
+        self.shared.registry.insert(linear.clone())?;
+        Ok(linear)
+    }
+
+    /// The base embedding `name` (`weight` `vocab × dim`).
+    pub fn embedding(&self, vocab: usize, dim: usize, name: &str) -> Result<Embedding> {
+        Ok(Embedding::new(self.pp(name).param("weight", (vocab, dim), Init::Normal(0.02))?))
+    }
+
+    /// The base LayerNorm `name` (`weight` and `bias` of size `dim`).
+    pub fn layer_norm(&self, dim: usize, eps: f64, name: &str) -> Result<LayerNorm> {
+        let b = self.pp(name);
+        Ok(LayerNorm::new(b.param("weight", dim, Init::Ones)?, b.param("bias", dim, Init::Zeros)?, eps))
+    }
+
+    /// A dropout layer drawing from the model's seeded stream.
+    pub fn dropout(&self, p: f32) -> Dropout {
+        Dropout::new(p, self.shared.dropout_rng.clone())
+    }
+
+    /// What the model needs after construction: parameters, registry and base fingerprint.
+    pub fn parts(&self) -> TunedParts {
+        let fp = self.shared.fingerprint.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = Sha256::new();
+        for (name, digest) in fp.iter() {
+            h.update(name.as_bytes());
+            h.update(digest);
+        }
+        TunedParts {
+            params: self.shared.params.clone(),
+            registry: self.shared.registry.clone(),
+            base_fingerprint: format!("sha256:{:x}", h.finalize()),
+            plan: self.shared.plan.plan.clone(),
+            dropout_rng: self.shared.dropout_rng.clone(),
+        }
+    }
+}
+
+/// A digest of one base tensor: its shape, its first and last 64 values and its sum, in f32.
+/// Cheap on a 100 MB checkpoint, and any retrained or different model changes it.
+fn tensor_digest(name: &str, t: &Tensor) -> Result<[u8; 32]> {
+    let flat = t.flatten_all()?.to_dtype(DType::F32)?;
+    let n = flat.elem_count();
+    let k = n.min(64);
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    for d in t.dims() {
+        h.update((*d as u64).to_le_bytes());
+    }
+    for part in [flat.narrow(0, 0, k)?, flat.narrow(0, n - k, k)?] {
+        for v in part.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    let sum = flat.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    h.update(format!("{sum:.6e}").as_bytes());
+    Ok(h.finalize().into())
+}

@@ -1,0 +1,182 @@
+//! LayerNorm over the last dimension with a frozen affine (`gamma`, `beta`): a custom op whose
+//! backward gives `dx` alone, computed in one pass from the saved input. With trainable affine
+//! parameters, [`layer_norm`] falls back to composite candle ops, which give every gradient.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+
+struct FrozenLayerNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+/// Mean and reciprocal standard deviation of one row.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: only f32 is supported on the CPU path")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for FrozenLayerNorm {
+    fn name(&self) -> &'static str {
+        "frozen-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let h = self.gamma.len();
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let (mean, rstd) = row_stats(row, self.eps);
+            for i in 0..h {
+                o[i] = (row[i] - mean) * rstd * self.gamma[i] + self.beta[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &FrozenLayerNormBackward {
+                gamma: self.gamma.clone(),
+                eps: self.eps,
+            },
+        )?;
+        Ok(Some(dx))
+    }
+}
+
+/// `dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂))` with `g' = dy·γ`.
+struct FrozenLayerNormBackward {
+    gamma: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp2 for FrozenLayerNormBackward {
+    fn name(&self) -> &'static str {
+        "frozen-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, self.name())?;
+        let g = contiguous_f32(gs, gl, self.name())?;
+        let h = self.gamma.len();
+        let mut dx = vec![0f32; x.len()];
+        let mut gg = vec![0f32; h];
+        for ((row, grow), drow) in x.chunks_exact(h).zip(g.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+            let (mean, rstd) = row_stats(row, self.eps);
+            let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
+            for i in 0..h {
+                gg[i] = grow[i] * self.gamma[i];
+                sum_gg += gg[i];
+                sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
+            }
+            let (mean_gg, mean_gg_xhat) = (sum_gg / h as f32, sum_gg_xhat / h as f32);
+            for i in 0..h {
+                let xhat = (row[i] - mean) * rstd;
+                drow[i] = rstd * (gg[i] - mean_gg - xhat * mean_gg_xhat);
+            }
+        }
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// Composite LayerNorm: differentiable in `x`, `gamma` and `beta`.
+fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    // Half types are normalised in f32; f32 and f64 in their own precision.
+    let work = match dtype {
+        candle_core::DType::F16 | candle_core::DType::BF16 => candle_core::DType::F32,
+        d => d,
+    };
+    let x = x.to_dtype(work)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+/// LayerNorm over the last dimension. When neither `gamma` nor `beta` is trainable and the input
+/// is f32 on the CPU, a fused op runs that computes no gradient for them.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let frozen = !gamma.is_variable() && !beta.is_variable();
+    if frozen && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let op = FrozenLayerNorm {
+            gamma: gamma.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            beta: beta.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            eps: eps as f32,
+        };
+        x.contiguous()?.apply_op1(op)
+    } else {
+        layer_norm_composite(x, gamma, beta, eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_matches_composite_forward_and_input_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0.5f32, 2., (3, 4, 16), &dev)?;
+        let gamma = Tensor::randn(1f32, 0.3, 16, &dev)?;
+        let beta = Tensor::randn(0f32, 0.3, 16, &dev)?;
+        let w = Tensor::randn(0f32, 1., (3, 4, 16), &dev)?;
+        let fused = layer_norm(x.as_tensor(), &gamma, &beta, 1e-12)?;
+        let reference = layer_norm_composite(x.as_tensor(), &gamma, &beta, 1e-12)?;
+        let diff = (&fused - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+        let g1 = (fused * &w)?.sum_all()?.backward()?;
+        let g2 = (reference * &w)?.sum_all()?.backward()?;
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())?;
+        let diff = d.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "input gradient differs by {diff}");
+        assert!(g1.get(&gamma).is_none() && g1.get(&beta).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn composite_gradient_matches_finite_differences() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x0: Vec<f64> = (0..10).map(|i| (i as f64 * 0.71).cos() * 2.0).collect();
+        let gamma = Var::new(&[0.5f64, 1.5, -0.3, 0.8, 1.0], &dev)?;
+        let beta = Tensor::new(&[0.1f64, 0.0, -0.2, 0.3, 0.0], &dev)?;
+        let w = Tensor::new(&[[1.0f64, -2.0, 0.5, 0.3, 2.2], [0.7, 0.1, -1.1, 1.9, -0.4]], &dev)?;
+        let f = |x: &Tensor| layer_norm(x, gamma.as_tensor(), &beta, 1e-5)?.mul(&w)?.sum_all();
+        let x = Var::from_tensor(&Tensor::from_vec(x0.clone(), (2, 5), &dev)?)?;
+        let grads = f(x.as_tensor())?.backward()?;
+        let analytic: Vec<f64> = grads.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        for i in 0..x0.len() {
+            let (mut p, mut m) = (x0.clone(), x0.clone());
+            p[i] += 1e-6;
+            m[i] -= 1e-6;
+            let fp = f(&Tensor::from_vec(p, (2, 5), &dev)?)?.to_scalar::<f64>()?;
+            let fm = f(&Tensor::from_vec(m, (2, 5), &dev)?)?.to_scalar::<f64>()?;
+            let numeric = (fp - fm) / 2e-6;
+            assert!((numeric - analytic[i]).abs() < 1e-6, "x[{i}]: {numeric} vs {}", analytic[i]);
+        }
+        assert!(grads.get(gamma.as_tensor()).is_some(), "trainable gamma gets a gradient");
+        Ok(())
+    }
+}
