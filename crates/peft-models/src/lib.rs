@@ -6,3 +6,6 @@ pub mod resolve;
 
 pub use bert::{BertConfig, BertForTokenClassification, BertModel};
 pub use resolve::{resolve_model, ModelFiles, ResolveError};
+pub mod load;
+
+pub use load::{bert_token_classifier, read_bert_config};
