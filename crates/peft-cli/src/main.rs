@@ -1,1 +1,107 @@
-fn main() {}
+//! `peft-rs`: parameter-efficient fine-tuning from TOML recipes. Thin over the libraries.
+
+mod commands;
+mod recipe;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Parameter-efficient fine-tuning (LoRA) of pretrained transformers, in Rust.
+#[derive(Parser)]
+#[command(name = "peft-rs", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an adapter from a recipe and write the adapter folder.
+    Train {
+        /// The recipe (TOML).
+        recipe: PathBuf,
+        /// Override a recipe value, e.g. `--set train.epochs=1` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Score an adapter on a split: entity precision, recall and F1, per type and micro.
+    Eval {
+        /// The adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// `test`, `valid` or `train` (the paths stored with the adapter), unless --data is given.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// A CoNLL file to score instead of the stored split.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Base model id or folder, instead of the one in adapter_config.json.
+        #[arg(long)]
+        base: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tag sentences with an adapter.
+    Predict {
+        /// The adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Sentences (words are split at spaces and punctuation); stdin lines when none.
+        text: Vec<String>,
+        /// Base model id or folder, instead of the one in adapter_config.json.
+        #[arg(long)]
+        base: Option<String>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe an adapter folder: method, targets, rank, parameters, bytes, base model.
+    Inspect {
+        /// The adapter folder.
+        adapter: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
+    Merge {
+        /// The adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output folder (config.json, model.safetensors, tokenizer).
+        #[arg(long)]
+        out: PathBuf,
+        /// Base model id or folder, instead of the one in adapter_config.json.
+        #[arg(long)]
+        base: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PEFT_RS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train { recipe, overrides, quiet } => commands::train::run(&recipe, &overrides, !quiet),
+        Command::Eval { adapter, split, data, base, json } => commands::eval::run(&adapter, &split, data.as_deref(), base.as_deref(), json),
+        Command::Predict { adapter, text, base, json } => commands::predict::run(&adapter, &text, base.as_deref(), json),
+        Command::Inspect { adapter, json } => commands::inspect::run(&adapter, json),
+        Command::Merge { adapter, out, base } => commands::merge::run(&adapter, &out, base.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

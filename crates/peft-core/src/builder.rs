@@ -54,6 +54,8 @@ pub struct TunedParts {
     pub plan: TuningPlan,
     /// The seeded stream shared by every dropout layer.
     pub dropout_rng: DropoutRng,
+    /// The model names of every base tensor the model loaded, sorted.
+    pub base_tensors: Vec<String>,
 }
 
 impl ModelBuilder {
@@ -119,16 +121,23 @@ impl ModelBuilder {
         self.shared.dtype
     }
 
-    fn load_base(&self, name: &str, shape: &Shape, init: Init) -> Result<Tensor> {
+    /// The checkpoint key holding the model's tensor `name` (`name` itself, or without the
+    /// optional prefix).
+    pub fn checkpoint_key(&self, name: &str) -> String {
         let s = &self.shared;
-        let mut key = name.to_string();
-        if !s.weights.contains(&key) {
+        if !s.weights.contains(name) {
             if let Some(stripped) = s.strip_prefix.as_deref().and_then(|p| name.strip_prefix(p)) {
                 if s.weights.contains(stripped) {
-                    key = stripped.to_string();
+                    return stripped.to_string();
                 }
             }
         }
+        name.to_string()
+    }
+
+    fn load_base(&self, name: &str, shape: &Shape, init: Init) -> Result<Tensor> {
+        let s = &self.shared;
+        let key = self.checkpoint_key(name);
         if !s.weights.contains(&key) {
             return Err(PeftError::MissingTensor {
                 files: s.weights.describe(),
@@ -233,6 +242,7 @@ impl ModelBuilder {
             base_fingerprint: format!("sha256:{:x}", h.finalize()),
             plan: self.shared.plan.plan.clone(),
             dropout_rng: self.shared.dropout_rng.clone(),
+            base_tensors: fp.keys().cloned().collect(),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use peft_core::ops::{masked_softmax, Dropout};
+use peft_core::ops::{gelu, masked_softmax, Dropout};
 use peft_core::{Embedding, LayerNorm, ModelBuilder, Result, TunableLinear, TunedParts};
 use serde::Deserialize;
 
@@ -164,7 +164,7 @@ impl Layer {
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((bsz, seq, hidden))?;
         let attn = self.hidden_dropout.forward(&self.attn_out.forward(&ctx, train)?, train)?;
         let attn = self.attn_norm.forward(&(attn + x)?)?;
-        let inner = self.intermediate.forward(&attn, train)?.gelu_erf()?;
+        let inner = gelu(&self.intermediate.forward(&attn, train)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&inner, train)?, train)?;
         self.out_norm.forward(&(out + attn)?)
     }

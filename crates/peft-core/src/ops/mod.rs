@@ -2,10 +2,12 @@
 
 mod dropout;
 mod frozen_linear;
+mod gelu;
 mod layer_norm;
 mod softmax;
 
 pub use dropout::{Dropout, DropoutRng};
 pub use frozen_linear::frozen_linear;
+pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use softmax::masked_softmax;

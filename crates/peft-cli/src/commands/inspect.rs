@@ -1,0 +1,64 @@
+//! `peft-rs inspect`: what an adapter folder holds, without loading the base model.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use peft_core::adapter_io::{read_config, read_meta, WEIGHTS_FILE};
+use peft_core::AdapterConfig;
+
+/// Total bytes of the files in a folder.
+pub fn folder_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let meta = entry?.metadata()?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+pub fn run(dir: &Path, json: bool) -> Result<()> {
+    let (adapter, file) = read_config(dir)?;
+    let meta = read_meta(dir)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}: not a valid safetensors file", weights.display()))?;
+    let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let adapter_params: usize = tensors.iter().filter(|(k, _)| k.contains(".lora_")).map(|(_, t)| t.elem_count()).sum();
+    let AdapterConfig::Lora(cfg) = &adapter;
+    let report = serde_json::json!({
+        "folder": dir.display().to_string(),
+        "method": adapter.peft_type(),
+        "base_model": file.base_model_name_or_path,
+        "task_type": file.task_type,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "scaling": cfg.scaling(),
+        "use_rslora": cfg.use_rslora,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": cfg.target_modules,
+        "modules_to_save": file.modules_to_save,
+        "adapted_modules": tensors.keys().filter(|k| k.ends_with(".lora_A.weight")).count(),
+        "trainable_parameters": params,
+        "adapter_parameters": adapter_params,
+        "head_parameters": params - adapter_params,
+        "bytes": folder_bytes(dir)?,
+        "labels": meta.as_ref().map(|m| m.id2label.values().cloned().collect::<Vec<_>>()),
+        "base_model_fingerprint": meta.as_ref().map(|m| m.base_model_fingerprint.clone()),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if let serde_json::Value::Object(m) = report {
+        for (k, v) in m {
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            println!("{k:<24} {v}");
+        }
+    }
+    Ok(())
+}
