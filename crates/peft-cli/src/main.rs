@@ -85,23 +85,59 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PEFT_RS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PEFT_RS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { recipe, overrides, quiet } => commands::train::run(&recipe, &overrides, !quiet),
-        Command::Eval { adapter, split, data, base, json } => commands::eval::run(&adapter, &split, data.as_deref(), base.as_deref(), json),
-        Command::Predict { adapter, text, base, json } => commands::predict::run(&adapter, &text, base.as_deref(), json),
+        Command::Train {
+            recipe,
+            overrides,
+            quiet,
+        } => commands::train::run(&recipe, &overrides, !quiet),
+        Command::Eval {
+            adapter,
+            split,
+            data,
+            base,
+            json,
+        } => commands::eval::run(&adapter, &split, data.as_deref(), base.as_deref(), json),
+        Command::Predict {
+            adapter,
+            text,
+            base,
+            json,
+        } => commands::predict::run(&adapter, &text, base.as_deref(), json),
         Command::Inspect { adapter, json } => commands::inspect::run(&adapter, json),
-        Command::Merge { adapter, out, base } => commands::merge::run(&adapter, &out, base.as_deref()),
+        Command::Merge { adapter, out, base } => {
+            commands::merge::run(&adapter, &out, base.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause shown once (a message that already quotes its source is
+/// not followed by it again).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+    }
+    out
 }

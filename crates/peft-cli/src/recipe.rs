@@ -158,15 +158,19 @@ pub struct OutputSection {
 impl Recipe {
     /// Reads a recipe, applying `key.path=value` overrides before validation.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
-        let mut value: toml::Value = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let mut value: toml::Value =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for o in overrides {
             apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
         }
         let recipe: Recipe = value
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        recipe.validate().with_context(|| format!("recipe {}", path.display()))?;
+        recipe
+            .validate()
+            .with_context(|| format!("recipe {}", path.display()))?;
         Ok(recipe)
     }
 
@@ -182,7 +186,10 @@ impl Recipe {
             bail!("task.max_length must leave room for [CLS], a token and [SEP]");
         }
         if self.data.format != "conll" {
-            bail!("data.format `{}` is not supported (expected `conll`)", self.data.format);
+            bail!(
+                "data.format `{}` is not supported (expected `conll`)",
+                self.data.format
+            );
         }
         Ok(())
     }
@@ -202,8 +209,12 @@ fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
     let (last, parents) = parts.split_last().context("empty key")?;
     let mut node = root;
     for p in parents {
-        let table = node.as_table_mut().with_context(|| format!("`{p}` is not a table"))?;
-        node = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let table = node
+            .as_table_mut()
+            .with_context(|| format!("`{p}` is not a table"))?;
+        node = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
     node.as_table_mut()
         .with_context(|| format!("cannot set `{last}` inside a non-table"))?
@@ -246,9 +257,18 @@ run_dir = "r"
 
     #[test]
     fn parses_and_applies_overrides() {
-        let r = load(RECIPE, &["train.epochs=1", "model.name=other", "train.lr=5e-4"]).unwrap();
-        assert_eq!((r.train.epochs, r.model.name.as_str(), r.train.lr), (1, "other", 5e-4));
-        let Some(AdapterConfig::Lora(l)) = r.adapter else { panic!("lora") };
+        let r = load(
+            RECIPE,
+            &["train.epochs=1", "model.name=other", "train.lr=5e-4"],
+        )
+        .unwrap();
+        assert_eq!(
+            (r.train.epochs, r.model.name.as_str(), r.train.lr),
+            (1, "other", 5e-4)
+        );
+        let Some(AdapterConfig::Lora(l)) = r.adapter else {
+            panic!("lora")
+        };
         assert_eq!((l.r, l.lora_alpha), (8, 16.0));
     }
 
@@ -256,10 +276,16 @@ run_dir = "r"
     fn misspelt_key_is_named_with_the_valid_ones() {
         let err = load(&RECIPE.replace("epochs = 3", "epoch = 3"), &[]).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("unknown field `epoch`") && msg.contains("epochs"), "{msg}");
+        assert!(
+            msg.contains("unknown field `epoch`") && msg.contains("epochs"),
+            "{msg}"
+        );
         let err = load(RECIPE, &["adapter.rank=4"]).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("`rank`") && msg.contains("lora_alpha"), "{msg}");
+        assert!(
+            msg.contains("`rank`") && msg.contains("lora_alpha"),
+            "{msg}"
+        );
     }
 
     #[test]

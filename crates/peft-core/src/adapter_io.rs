@@ -114,8 +114,12 @@ impl<T: Clone> OneOrMany<T> {
 pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-    let file: PeftConfigFile = serde_json::from_str(&text).map_err(|e| PeftError::io(&path, format!("invalid adapter config: {e}")))?;
-    let mismatch = |message: String| PeftError::AdapterMismatch { path: path.clone(), message };
+    let file: PeftConfigFile = serde_json::from_str(&text)
+        .map_err(|e| PeftError::io(&path, format!("invalid adapter config: {e}")))?;
+    let mismatch = |message: String| PeftError::AdapterMismatch {
+        path: path.clone(),
+        message,
+    };
     if file.peft_type != "LORA" {
         return Err(mismatch(format!(
             "peft_type `{}` is not supported; supported: {}",
@@ -124,22 +128,33 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
         )));
     }
     if file.use_dora {
-        return Err(mismatch("use_dora = true (DoRA) is not supported yet".into()));
+        return Err(mismatch(
+            "use_dora = true (DoRA) is not supported yet".into(),
+        ));
     }
     if file.fan_in_fan_out {
         return Err(mismatch("fan_in_fan_out = true is not supported".into()));
     }
     if let Some(bias) = file.bias.as_deref().filter(|b| *b != "none") {
-        return Err(mismatch(format!("bias = `{bias}` is not supported (only `none`)")));
+        return Err(mismatch(format!(
+            "bias = `{bias}` is not supported (only `none`)"
+        )));
     }
     let need = |key: &str| mismatch(format!("missing key `{key}`"));
     let cfg = LoraConfig {
         r: file.r.ok_or_else(|| need("r"))?,
         lora_alpha: file.lora_alpha.ok_or_else(|| need("lora_alpha"))?,
         lora_dropout: file.lora_dropout.unwrap_or(0.0),
-        target_modules: file.target_modules.clone().ok_or_else(|| need("target_modules"))?,
+        target_modules: file
+            .target_modules
+            .clone()
+            .ok_or_else(|| need("target_modules"))?,
         layers_to_transform: file.layers_to_transform.clone().map(OneOrMany::into_vec),
-        layers_pattern: file.layers_pattern.clone().map(OneOrMany::into_vec).unwrap_or_default(),
+        layers_pattern: file
+            .layers_pattern
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default(),
         use_rslora: file.use_rslora,
         init: LoraInit::Kaiming,
     };
@@ -174,7 +189,12 @@ pub fn check_fingerprint(dir: &Path, meta: &AdapterMeta, parts: &TunedParts) -> 
     Ok(())
 }
 
-fn peft_config_json(adapter: &AdapterConfig, base_model: &str, task_type: &str, modules_to_save: &[String]) -> serde_json::Value {
+fn peft_config_json(
+    adapter: &AdapterConfig,
+    base_model: &str,
+    task_type: &str,
+    modules_to_save: &[String],
+) -> serde_json::Value {
     let AdapterConfig::Lora(cfg) = adapter;
     serde_json::json!({
         "alpha_pattern": {},
@@ -217,11 +237,21 @@ pub fn modules_to_save(params: &ParamStore) -> Vec<String> {
 }
 
 /// Writes the adapter folder: peft's two files and `peft_rs.json`, each atomically.
-pub fn save(dir: &Path, parts: &TunedParts, base_model: &str, task_type: &str, meta: &AdapterMeta) -> Result<()> {
-    let adapter = parts.plan.adapter.as_ref().ok_or_else(|| PeftError::Config {
-        key: "adapter".into(),
-        message: "the model has no adapter to save".into(),
-    })?;
+pub fn save(
+    dir: &Path,
+    parts: &TunedParts,
+    base_model: &str,
+    task_type: &str,
+    meta: &AdapterMeta,
+) -> Result<()> {
+    let adapter = parts
+        .plan
+        .adapter
+        .as_ref()
+        .ok_or_else(|| PeftError::Config {
+            key: "adapter".into(),
+            message: "the model has no adapter to save".into(),
+        })?;
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let tensors: Vec<(String, Tensor)> = parts
         .params
@@ -232,12 +262,27 @@ pub fn save(dir: &Path, parts: &TunedParts, base_model: &str, task_type: &str, m
     let weights = dir.join(WEIGHTS_FILE);
     write_atomic_with(&weights, |tmp| {
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), tmp)
-            .map_err(|e| PeftError::io(tmp, e))
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(|e| PeftError::io(tmp, e))
     })?;
-    let config = peft_config_json(adapter, base_model, task_type, &modules_to_save(&parts.params));
-    write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())?;
-    let meta_text = serde_json::to_string_pretty(meta).map_err(|e| PeftError::io(dir.join(META_FILE), e))?;
+    let config = peft_config_json(
+        adapter,
+        base_model,
+        task_type,
+        &modules_to_save(&parts.params),
+    );
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let meta_text =
+        serde_json::to_string_pretty(meta).map_err(|e| PeftError::io(dir.join(META_FILE), e))?;
     write_atomic(&dir.join(META_FILE), meta_text.as_bytes())
 }
 
@@ -250,16 +295,25 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
         return Err(PeftError::io(&path, "adapter weights file not found"));
     }
     // SAFETY: read-only mapping of a file we do not modify while it is mapped.
-    let st = unsafe { MmapedSafetensors::new(&path) }
-        .map_err(|e| PeftError::io(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
-    let mismatch = |message: String| PeftError::AdapterMismatch { path: path.clone(), message };
+    let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
+        PeftError::io(
+            &path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let mismatch = |message: String| PeftError::AdapterMismatch {
+        path: path.clone(),
+        message,
+    };
     let mut updates = Vec::new();
     let vars = params.named_vars();
     for (name, var) in &vars {
         let key = format!("{KEY_PREFIX}{name}");
-        let t = st
-            .load(&key, &Device::Cpu)
-            .map_err(|_| mismatch(format!("tensor `{key}` is missing (the model has a trainable `{name}`)")))?;
+        let t = st.load(&key, &Device::Cpu).map_err(|_| {
+            mismatch(format!(
+                "tensor `{key}` is missing (the model has a trainable `{name}`)"
+            ))
+        })?;
         if t.dims() != var.dims() {
             return Err(mismatch(format!(
                 "tensor `{key}` has shape {:?}, but the model expects {:?}",
@@ -267,9 +321,15 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
                 var.dims()
             )));
         }
-        updates.push((var.clone(), t.to_dtype(DType::F32)?.to_device(var.device())?));
+        updates.push((
+            var.clone(),
+            t.to_dtype(DType::F32)?.to_device(var.device())?,
+        ));
     }
-    let known: std::collections::HashSet<String> = vars.iter().map(|(n, _)| format!("{KEY_PREFIX}{n}")).collect();
+    let known: std::collections::HashSet<String> = vars
+        .iter()
+        .map(|(n, _)| format!("{KEY_PREFIX}{n}"))
+        .collect();
     if let Some((extra, _)) = st.tensors().into_iter().find(|(k, _)| !known.contains(k)) {
         return Err(mismatch(format!(
             "tensor `{extra}` has no counterpart in the model (targets or head differ)"

@@ -60,7 +60,12 @@ pub struct TunedParts {
 
 impl ModelBuilder {
     /// A builder over `weights`, applying `plan`.
-    pub fn new(weights: WeightSource, plan: TuningPlan, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(
+        weights: WeightSource,
+        plan: TuningPlan,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
         let seed = plan.seed;
         let plan = CompiledPlan::new(plan)?;
         Ok(Self {
@@ -147,7 +152,10 @@ impl ModelBuilder {
         }
         let t = s.weights.load(&key, shape, init, s.dtype, &s.device)?;
         let digest = tensor_digest(name, &t)?;
-        s.fingerprint.lock().unwrap_or_else(|e| e.into_inner()).insert(name.into(), digest);
+        s.fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), digest);
         Ok(t)
     }
 
@@ -168,7 +176,13 @@ impl ModelBuilder {
     /// A new trainable parameter that no checkpoint holds (a task head), seeded from the plan.
     pub fn new_param(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {
         let full = self.full_name(name);
-        let seed = rand::Rng::gen::<u64>(&mut *self.shared.init_rng.lock().unwrap_or_else(|e| e.into_inner()));
+        let seed = rand::Rng::gen::<u64>(
+            &mut *self
+                .shared
+                .init_rng
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         let t = random_tensor(seed, &full, &shape.into(), init, &self.shared.device)?;
         let var = Var::from_tensor(&t)?;
         self.shared.params.insert(&full, var.clone())?;
@@ -177,32 +191,68 @@ impl ModelBuilder {
 
     /// The base linear `name` (`weight` `out × in`, optional `bias`), with the adapter the plan
     /// assigns to its path.
-    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool, name: &str) -> Result<Arc<TunableLinear>> {
+    pub fn linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        name: &str,
+    ) -> Result<Arc<TunableLinear>> {
         let b = self.pp(name);
         let weight = b.param("weight", (out_dim, in_dim), Init::Normal(0.02))?;
-        let bias = if bias { Some(b.param("bias", out_dim, Init::Zeros)?) } else { None };
+        let bias = if bias {
+            Some(b.param("bias", out_dim, Init::Zeros)?)
+        } else {
+            None
+        };
         b.finish_linear(weight, bias, false)
     }
 
     /// A new, fully trainable linear that no checkpoint holds (a task head), initialised as
     /// transformers does (normal with std 0.02, zero bias).
-    pub fn new_linear(&self, in_dim: usize, out_dim: usize, name: &str) -> Result<Arc<TunableLinear>> {
+    pub fn new_linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        name: &str,
+    ) -> Result<Arc<TunableLinear>> {
         let b = self.pp(name);
         let weight = b.new_param("weight", (out_dim, in_dim), Init::Normal(0.02))?;
         let bias = b.new_param("bias", out_dim, Init::Zeros)?;
         b.finish_linear(weight, Some(bias), true)
     }
 
-    fn finish_linear(&self, weight: Tensor, bias: Option<Tensor>, is_head: bool) -> Result<Arc<TunableLinear>> {
+    fn finish_linear(
+        &self,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        is_head: bool,
+    ) -> Result<Arc<TunableLinear>> {
         let path = self.path();
         let (out_dim, in_dim) = weight.dims2()?;
         let lora = match self.shared.plan.lora_for(&path, is_head) {
             Some(cfg) => {
-                let mut rng = self.shared.init_rng.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rng = self
+                    .shared
+                    .init_rng
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let dropout = Dropout::new(cfg.lora_dropout, self.shared.dropout_rng.clone());
-                let adapter = LoraAdapter::new(cfg, in_dim, out_dim, dropout, &mut *rng, DType::F32, &self.shared.device)?;
-                self.shared.params.insert(&format!("{path}.lora_A.weight"), adapter.a.clone())?;
-                self.shared.params.insert(&format!("{path}.lora_B.weight"), adapter.b.clone())?;
+                let adapter = LoraAdapter::new(
+                    cfg,
+                    in_dim,
+                    out_dim,
+                    dropout,
+                    &mut *rng,
+                    DType::F32,
+                    &self.shared.device,
+                )?;
+                self.shared
+                    .params
+                    .insert(&format!("{path}.lora_A.weight"), adapter.a.clone())?;
+                self.shared
+                    .params
+                    .insert(&format!("{path}.lora_B.weight"), adapter.b.clone())?;
                 Some(adapter)
             }
             None => None,
@@ -214,13 +264,21 @@ impl ModelBuilder {
 
     /// The base embedding `name` (`weight` `vocab × dim`).
     pub fn embedding(&self, vocab: usize, dim: usize, name: &str) -> Result<Embedding> {
-        Ok(Embedding::new(self.pp(name).param("weight", (vocab, dim), Init::Normal(0.02))?))
+        Ok(Embedding::new(self.pp(name).param(
+            "weight",
+            (vocab, dim),
+            Init::Normal(0.02),
+        )?))
     }
 
     /// The base LayerNorm `name` (`weight` and `bias` of size `dim`).
     pub fn layer_norm(&self, dim: usize, eps: f64, name: &str) -> Result<LayerNorm> {
         let b = self.pp(name);
-        Ok(LayerNorm::new(b.param("weight", dim, Init::Ones)?, b.param("bias", dim, Init::Zeros)?, eps))
+        Ok(LayerNorm::new(
+            b.param("weight", dim, Init::Ones)?,
+            b.param("bias", dim, Init::Zeros)?,
+            eps,
+        ))
     }
 
     /// A dropout layer drawing from the model's seeded stream.
@@ -230,7 +288,11 @@ impl ModelBuilder {
 
     /// What the model needs after construction: parameters, registry and base fingerprint.
     pub fn parts(&self) -> TunedParts {
-        let fp = self.shared.fingerprint.lock().unwrap_or_else(|e| e.into_inner());
+        let fp = self
+            .shared
+            .fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut h = Sha256::new();
         for (name, digest) in fp.iter() {
             h.update(name.as_bytes());

@@ -19,7 +19,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
                     .strip_prefix(':')
                     .and_then(|n| n.parse::<usize>().ok())
                     .ok_or_else(|| bad(format!("`{other}` is not `cuda:N`")))?,
-                None => return Err(bad(format!("unknown device `{other}` (expected `cpu` or `cuda:N`)"))),
+                None => {
+                    return Err(bad(format!(
+                        "unknown device `{other}` (expected `cpu` or `cuda:N`)"
+                    )))
+                }
             };
             Device::new_cuda(ordinal).map_err(|e| bad(format!("`{other}` is not available: {e}")))
         }

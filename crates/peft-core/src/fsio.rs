@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{PeftError, Result};
 
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -52,7 +55,10 @@ mod tests {
         });
         assert!(err.is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "only the target remains: {names:?}");
     }
 }

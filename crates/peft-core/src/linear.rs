@@ -34,10 +34,18 @@ impl std::fmt::Debug for TunableLinear {
 
 impl TunableLinear {
     /// A linear at `path` with `weight` (`out × in`), optional `bias` and optional LoRA.
-    pub fn new(path: String, weight: Tensor, bias: Option<Tensor>, lora: Option<LoraAdapter>) -> Self {
+    pub fn new(
+        path: String,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        lora: Option<LoraAdapter>,
+    ) -> Self {
         Self {
             path,
-            state: RwLock::new(LinearState { weight, merged: false }),
+            state: RwLock::new(LinearState {
+                weight,
+                merged: false,
+            }),
             bias,
             lora,
         }
@@ -116,7 +124,9 @@ impl TunableLinear {
     }
 
     fn fold(&self, merge: bool) -> Result<()> {
-        let Some(lora) = &self.lora else { return Ok(()) };
+        let Some(lora) = &self.lora else {
+            return Ok(());
+        };
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if state.merged == merge {
             return Ok(());

@@ -35,7 +35,9 @@ impl LoraAdapter {
             // kaiming_uniform_(a=√5): bound = gain·√(3/fan_in) with gain = √(2/(1+5)) = 1/√fan_in.
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f64).sqrt();
-                (0..r * in_features).map(|_| rng.gen_range(-bound..bound) as f32).collect()
+                (0..r * in_features)
+                    .map(|_| rng.gen_range(-bound..bound) as f32)
+                    .collect()
             }
             LoraInit::Gaussian => (0..r * in_features)
                 .map(|_| (crate::weights::standard_normal(rng) / r as f64) as f32)

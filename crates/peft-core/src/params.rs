@@ -34,7 +34,10 @@ impl ParamStore {
 
     /// All parameters, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The parameter called `name`.

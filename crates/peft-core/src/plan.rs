@@ -67,7 +67,13 @@ impl LoraConfig {
             return bad("r", "the rank must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad("lora_dropout", format!("expected a probability in [0, 1), got {}", self.lora_dropout));
+            return bad(
+                "lora_dropout",
+                format!(
+                    "expected a probability in [0, 1), got {}",
+                    self.lora_dropout
+                ),
+            );
         }
         if !self.lora_alpha.is_finite() {
             return bad("lora_alpha", "expected a finite number".into());
@@ -143,7 +149,9 @@ impl CompiledPlan {
     /// The LoRA settings for the linear at `path`, if the plan targets it.
     pub fn lora_for(&self, path: &str, is_output_head: bool) -> Option<&LoraConfig> {
         match (&self.plan.adapter, &self.lora_targets) {
-            (Some(AdapterConfig::Lora(cfg)), Some(m)) if m.matches(path, is_output_head) => Some(cfg),
+            (Some(AdapterConfig::Lora(cfg)), Some(m)) if m.matches(path, is_output_head) => {
+                Some(cfg)
+            }
             _ => None,
         }
     }

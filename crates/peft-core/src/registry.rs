@@ -29,7 +29,12 @@ impl Registry {
 
     /// All layers, sorted by path.
     pub fn linears(&self) -> Vec<Arc<TunableLinear>> {
-        self.linears.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.linears
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The module paths that carry an adapter.

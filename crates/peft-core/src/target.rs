@@ -42,14 +42,19 @@ impl TargetMatcher {
     ) -> Result<Self> {
         let targets = match targets {
             TargetModules::Pattern(p) if p == "all-linear" => CompiledTargets::AllLinear,
-            TargetModules::Pattern(p) => CompiledTargets::Regex(full_match_regex(p, "target_modules")?),
+            TargetModules::Pattern(p) => {
+                CompiledTargets::Regex(full_match_regex(p, "target_modules")?)
+            }
             TargetModules::Names(names) => CompiledTargets::Names(names.clone()),
         };
         let layers = match layers_to_transform {
             None => None,
             Some(indices) => {
                 let patterns: Vec<String> = if layers_pattern.is_empty() {
-                    COMMON_LAYERS_PATTERNS.iter().map(|s| s.to_string()).collect()
+                    COMMON_LAYERS_PATTERNS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect()
                 } else {
                     layers_pattern.to_vec()
                 };
@@ -129,7 +134,12 @@ mod tests {
 
     #[test]
     fn string_is_a_full_match_regex() {
-        let m = TargetMatcher::new(&TargetModules::Pattern(r".*\.(query|value)".into()), None, &[]).unwrap();
+        let m = TargetMatcher::new(
+            &TargetModules::Pattern(r".*\.(query|value)".into()),
+            None,
+            &[],
+        )
+        .unwrap();
         assert!(m.matches(Q0, false) && m.matches(V3, false) && !m.matches(OUT, false));
         // Not a search: `query` alone does not match the longer path.
         let m = TargetMatcher::new(&TargetModules::Pattern("query".into()), None, &[]).unwrap();
@@ -138,7 +148,8 @@ mod tests {
 
     #[test]
     fn all_linear_skips_the_output_head() {
-        let m = TargetMatcher::new(&TargetModules::Pattern("all-linear".into()), None, &[]).unwrap();
+        let m =
+            TargetMatcher::new(&TargetModules::Pattern("all-linear".into()), None, &[]).unwrap();
         assert!(m.matches(OUT, false) && !m.matches("classifier", true));
     }
 
@@ -147,12 +158,16 @@ mod tests {
         let m = TargetMatcher::new(&names(&["query", "value"]), Some(&[3, 4]), &[]).unwrap();
         assert!(!m.matches(Q0, false) && m.matches(V3, false));
         let m = TargetMatcher::new(&names(&["query"]), Some(&[0]), &["blocks".into()]).unwrap();
-        assert!(!m.matches(Q0, false), "pattern `blocks` does not occur in a BERT path");
+        assert!(
+            !m.matches(Q0, false),
+            "pattern `blocks` does not occur in a BERT path"
+        );
     }
 
     #[test]
     fn invalid_regex_names_the_key() {
-        let err = TargetMatcher::new(&TargetModules::Pattern("(query".into()), None, &[]).unwrap_err();
+        let err =
+            TargetMatcher::new(&TargetModules::Pattern("(query".into()), None, &[]).unwrap_err();
         assert!(err.to_string().contains("target_modules"), "{err}");
     }
 }

@@ -81,7 +81,14 @@ impl WeightSource {
     }
 
     /// Loads `name` with the expected shape, converted to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: &Shape, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &Shape,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let t = match self {
             Self::Safetensors { tensors, files } => tensors.load(name, device).map_err(|e| {
                 PeftError::candle(format!("loading `{name}` from {}", files[0].display()), e)
@@ -110,14 +117,22 @@ impl WeightSource {
 
 /// A tensor drawn from `init` with a seed derived from the base seed and the name, so that the
 /// same model gets the same weights whatever the construction order.
-pub fn random_tensor(seed: u64, name: &str, shape: &Shape, init: Init, device: &Device) -> Result<Tensor> {
+pub fn random_tensor(
+    seed: u64,
+    name: &str,
+    shape: &Shape,
+    init: Init,
+    device: &Device,
+) -> Result<Tensor> {
     let n = shape.elem_count();
     let values: Vec<f32> = match init {
         Init::Ones => vec![1.0; n],
         Init::Zeros => vec![0.0; n],
         Init::Normal(std) => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(name));
-            (0..n).map(|_| (std * standard_normal(&mut rng)) as f32).collect()
+            (0..n)
+                .map(|_| (std * standard_normal(&mut rng)) as f32)
+                .collect()
         }
     };
     Ok(Tensor::from_vec(values, shape.clone(), device)?)
@@ -125,8 +140,9 @@ pub fn random_tensor(seed: u64, name: &str, shape: &Shape, init: Init, device: &
 
 /// FNV-1a hash of a string: a stable per-name seed offset.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// One draw from N(0, 1) by the Box-Muller transform.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::adapter_io::{self, AdapterMeta};
-use peft_core::{AdapterConfig, LoraConfig, ModelBuilder, TargetModules, TunableLinear, TunedParts, TuningPlan, WeightSource};
+use peft_core::{
+    AdapterConfig, LoraConfig, ModelBuilder, TargetModules, TunableLinear, TunedParts, TuningPlan,
+    WeightSource,
+};
 
 struct Tiny {
     q: Arc<TunableLinear>,
@@ -27,7 +30,9 @@ fn weights(seed: u64) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     let t = |shape: &[usize], k: u64| {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| (((i as u64 * 7919 + k * 104729 + seed) % 1000) as f32 / 500.0) - 1.0).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 7919 + k * 104729 + seed) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
     HashMap::from([
@@ -57,16 +62,34 @@ fn build(seed: u64, cfg: LoraConfig) -> Tiny {
         unfreeze: vec![],
         seed: 3,
     };
-    let b = ModelBuilder::new(WeightSource::Map(weights(seed)), plan, DType::F32, Device::Cpu).unwrap();
+    let b = ModelBuilder::new(
+        WeightSource::Map(weights(seed)),
+        plan,
+        DType::F32,
+        Device::Cpu,
+    )
+    .unwrap();
     let layer = b.pp("enc").pp("layer").pp(0);
     let q = layer.linear(5, 6, true, "query").unwrap();
     let v = layer.linear(6, 4, true, "value").unwrap();
     let head = b.new_linear(4, 3, "classifier").unwrap();
-    Tiny { q, v, head, parts: b.parts() }
+    Tiny {
+        q,
+        v,
+        head,
+        parts: b.parts(),
+    }
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn input() -> Tensor {
@@ -76,7 +99,8 @@ fn input() -> Tensor {
 fn randomise_b(m: &Tiny) {
     for l in [&m.q, &m.v] {
         let b = &l.lora().unwrap().b;
-        b.set(&Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu).unwrap()).unwrap();
+        b.set(&Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu).unwrap())
+            .unwrap();
     }
 }
 
@@ -85,13 +109,30 @@ fn zero_b_gives_the_base_output_at_init() {
     let m = build(0, lora(false));
     let x = input();
     let base = {
-        let h = x.broadcast_matmul(&m.q.weight().t().unwrap()).unwrap().broadcast_add(m.q.bias().unwrap()).unwrap().tanh().unwrap();
-        let h = h.broadcast_matmul(&m.v.weight().t().unwrap()).unwrap().broadcast_add(m.v.bias().unwrap()).unwrap();
+        let h = x
+            .broadcast_matmul(&m.q.weight().t().unwrap())
+            .unwrap()
+            .broadcast_add(m.q.bias().unwrap())
+            .unwrap()
+            .tanh()
+            .unwrap();
+        let h = h
+            .broadcast_matmul(&m.v.weight().t().unwrap())
+            .unwrap()
+            .broadcast_add(m.v.bias().unwrap())
+            .unwrap();
         m.head.forward(&h, false).unwrap()
     };
     assert!(max_diff(&m.forward(&x).unwrap(), &base) < 1e-6);
     // A is kaiming-uniform(a=√5): |A| ≤ 1/√in.
-    let a = m.q.lora().unwrap().a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a =
+        m.q.lora()
+            .unwrap()
+            .a
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
     assert!(a.iter().all(|v| v.abs() <= 1.0 / 5f32.sqrt()) && a.iter().any(|v| *v != 0.0));
 }
 
@@ -103,11 +144,23 @@ fn update_follows_the_closed_form_with_either_scaling() {
         let x = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
         let ad = m.q.lora().unwrap();
         let expected = x
-            .matmul(&m.q.weight().t().unwrap()).unwrap()
-            .broadcast_add(m.q.bias().unwrap()).unwrap()
-            .add(&(x.matmul(&ad.a.t().unwrap()).unwrap().matmul(&ad.b.t().unwrap()).unwrap() * scale).unwrap())
+            .matmul(&m.q.weight().t().unwrap())
+            .unwrap()
+            .broadcast_add(m.q.bias().unwrap())
+            .unwrap()
+            .add(
+                &(x.matmul(&ad.a.t().unwrap())
+                    .unwrap()
+                    .matmul(&ad.b.t().unwrap())
+                    .unwrap()
+                    * scale)
+                    .unwrap(),
+            )
             .unwrap();
-        assert!(max_diff(&m.q.forward(&x, false).unwrap(), &expected) < 1e-5, "rslora={rs}");
+        assert!(
+            max_diff(&m.q.forward(&x, false).unwrap(), &expected) < 1e-5,
+            "rslora={rs}"
+        );
     }
 }
 
@@ -130,21 +183,43 @@ fn merge_and_unmerge_are_exact_to_float_tolerance() {
 fn only_adapter_and_head_receive_gradients() {
     let m = build(0, lora(false));
     randomise_b(&m);
-    let loss = m.forward(&input()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let loss = m
+        .forward(&input())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
-    let names: Vec<String> = m.parts.params.named_vars().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, [
-        "classifier.bias", "classifier.weight",
-        "enc.layer.0.query.lora_A.weight", "enc.layer.0.query.lora_B.weight",
-        "enc.layer.0.value.lora_A.weight", "enc.layer.0.value.lora_B.weight",
-    ]);
+    let names: Vec<String> = m
+        .parts
+        .params
+        .named_vars()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "classifier.bias",
+            "classifier.weight",
+            "enc.layer.0.query.lora_A.weight",
+            "enc.layer.0.query.lora_B.weight",
+            "enc.layer.0.value.lora_A.weight",
+            "enc.layer.0.value.lora_B.weight",
+        ]
+    );
     for (n, v) in m.parts.params.named_vars() {
         assert!(grads.get(v.as_tensor()).is_some(), "{n} has no gradient");
     }
     for w in [m.q.weight(), m.v.weight()] {
         assert!(grads.get(&w).is_none());
         for id in grads.get_ids() {
-            assert_ne!(grads.get_id(*id).unwrap().dims(), w.dims(), "a frozen-weight-sized gradient exists");
+            assert_ne!(
+                grads.get_id(*id).unwrap().dims(),
+                w.dims(),
+                "a frozen-weight-sized gradient exists"
+            );
         }
     }
 }
@@ -165,10 +240,15 @@ fn save_then_load_round_trips_with_peft_key_names() {
     randomise_b(&m);
     let dir = tempfile::tempdir().unwrap();
     adapter_io::save(dir.path(), &m.parts, "base", "TOKEN_CLS", &meta(&m.parts)).unwrap();
-    let st = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
     assert!(st.contains_key("base_model.model.enc.layer.0.query.lora_A.weight"));
     assert!(st.contains_key("base_model.model.classifier.weight"));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier"]));
 
@@ -177,7 +257,12 @@ fn save_then_load_round_trips_with_peft_key_names() {
     assert!(max_diff(&fresh.forward(&x).unwrap(), &m.forward(&x).unwrap()) > 1e-3);
     let (adapter, _) = adapter_io::read_config(dir.path()).unwrap();
     assert_eq!(adapter, AdapterConfig::Lora(lora(false)));
-    adapter_io::check_fingerprint(dir.path(), &adapter_io::read_meta(dir.path()).unwrap().unwrap(), &fresh.parts).unwrap();
+    adapter_io::check_fingerprint(
+        dir.path(),
+        &adapter_io::read_meta(dir.path()).unwrap().unwrap(),
+        &fresh.parts,
+    )
+    .unwrap();
     adapter_io::load_weights(dir.path(), &fresh.parts.params).unwrap();
     assert!(max_diff(&fresh.forward(&x).unwrap(), &m.forward(&x).unwrap()) < 1e-6);
 }
@@ -191,7 +276,12 @@ fn mismatched_adapters_are_refused_by_name_and_leave_the_model_unchanged() {
 
     // Another base model: the fingerprint differs.
     let other = build(1, lora(false));
-    let err = adapter_io::check_fingerprint(dir.path(), &adapter_io::read_meta(dir.path()).unwrap().unwrap(), &other.parts).unwrap_err();
+    let err = adapter_io::check_fingerprint(
+        dir.path(),
+        &adapter_io::read_meta(dir.path()).unwrap().unwrap(),
+        &other.parts,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("different base model"), "{err}");
 
     // Another rank: the shapes differ, and the tensor is named.
@@ -199,8 +289,13 @@ fn mismatched_adapters_are_refused_by_name_and_leave_the_model_unchanged() {
     r4.r = 4;
     let wide = build(0, r4);
     let before = wide.forward(&input());
-    let err = adapter_io::load_weights(dir.path(), &wide.parts.params).unwrap_err().to_string();
-    assert!(err.contains("lora_A.weight") && err.contains("[2, 5]") && err.contains("[4, 5]"), "{err}");
+    let err = adapter_io::load_weights(dir.path(), &wide.parts.params)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_A.weight") && err.contains("[2, 5]") && err.contains("[4, 5]"),
+        "{err}"
+    );
     let a = wide.q.lora().unwrap().a.as_tensor().clone();
     assert!(before.is_ok() && a.dims() == [4, 5]);
 
@@ -208,11 +303,20 @@ fn mismatched_adapters_are_refused_by_name_and_leave_the_model_unchanged() {
     let f = dir.path().join("adapter_model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    let err = adapter_io::load_weights(dir.path(), &m.parts.params).unwrap_err().to_string();
-    assert!(err.contains("adapter_model.safetensors") && err.contains("truncated"), "{err}");
+    let err = adapter_io::load_weights(dir.path(), &m.parts.params)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
 
     // An unsupported method.
-    std::fs::write(dir.path().join("adapter_config.json"), r#"{"peft_type": "LOHA", "r": 2}"#).unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"peft_type": "LOHA", "r": 2}"#,
+    )
+    .unwrap();
     let err = adapter_io::read_config(dir.path()).unwrap_err().to_string();
     assert!(err.contains("LOHA") && err.contains("LORA"), "{err}");
 }

@@ -69,15 +69,25 @@ fn default_pos() -> String {
 impl BertConfig {
     /// Parses and checks a `config.json`.
     pub fn from_json(text: &str, path: &str) -> std::result::Result<Self, String> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| format!("{path}: not a BERT config: {e}"))?;
+        let cfg: Self =
+            serde_json::from_str(text).map_err(|e| format!("{path}: not a BERT config: {e}"))?;
         if !matches!(cfg.hidden_act.as_str(), "gelu" | "gelu_python") {
-            return Err(format!("{path}: hidden_act `{}` is not supported (only gelu)", cfg.hidden_act));
+            return Err(format!(
+                "{path}: hidden_act `{}` is not supported (only gelu)",
+                cfg.hidden_act
+            ));
         }
         if cfg.position_embedding_type != "absolute" {
-            return Err(format!("{path}: position_embedding_type `{}` is not supported", cfg.position_embedding_type));
+            return Err(format!(
+                "{path}: position_embedding_type `{}` is not supported",
+                cfg.position_embedding_type
+            ));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(format!("{path}: hidden_size must be a multiple of num_attention_heads"));
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            return Err(format!(
+                "{path}: hidden_size must be a multiple of num_attention_heads"
+            ));
         }
         Ok(cfg)
     }
@@ -95,8 +105,16 @@ impl Embeddings {
     fn new(cfg: &BertConfig, b: &ModelBuilder) -> Result<Self> {
         Ok(Self {
             word: b.embedding(cfg.vocab_size, cfg.hidden_size, "word_embeddings")?,
-            position: b.embedding(cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings")?,
-            token_type: b.embedding(cfg.type_vocab_size, cfg.hidden_size, "token_type_embeddings")?,
+            position: b.embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                "position_embeddings",
+            )?,
+            token_type: b.embedding(
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+                "token_type_embeddings",
+            )?,
             norm: b.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "LayerNorm")?,
             dropout: b.dropout(cfg.hidden_dropout_prob),
         })
@@ -138,10 +156,14 @@ impl Layer {
             key: sa.linear(h, h, true, "key")?,
             value: sa.linear(h, h, true, "value")?,
             attn_out: attn.pp("output").linear(h, h, true, "dense")?,
-            attn_norm: attn.pp("output").layer_norm(h, cfg.layer_norm_eps, "LayerNorm")?,
+            attn_norm: attn
+                .pp("output")
+                .layer_norm(h, cfg.layer_norm_eps, "LayerNorm")?,
             intermediate: b.pp("intermediate").linear(h, i, true, "dense")?,
             output: b.pp("output").linear(i, h, true, "dense")?,
-            out_norm: b.pp("output").layer_norm(h, cfg.layer_norm_eps, "LayerNorm")?,
+            out_norm: b
+                .pp("output")
+                .layer_norm(h, cfg.layer_norm_eps, "LayerNorm")?,
             attn_dropout: b.dropout(cfg.attention_probs_dropout_prob),
             hidden_dropout: b.dropout(cfg.hidden_dropout_prob),
             heads: cfg.num_attention_heads,
@@ -150,22 +172,32 @@ impl Layer {
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (bsz, seq, hidden) = x.dims3()?;
-        Ok(x.reshape((bsz, seq, self.heads, hidden / self.heads))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((bsz, seq, self.heads, hidden / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (bsz, seq, hidden) = x.dims3()?;
         let head_dim = hidden / self.heads;
-        let q = (self.split_heads(&self.query.forward(x, train)?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let q =
+            (self.split_heads(&self.query.forward(x, train)?)? * (1.0 / (head_dim as f64).sqrt()))?;
         let k = self.split_heads(&self.key.forward(x, train)?)?;
         let v = self.split_heads(&self.value.forward(x, train)?)?;
         let probs = masked_softmax(&q.matmul(&k.t()?)?, mask)?;
         let probs = self.attn_dropout.forward(&probs, train)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((bsz, seq, hidden))?;
-        let attn = self.hidden_dropout.forward(&self.attn_out.forward(&ctx, train)?, train)?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((bsz, seq, hidden))?;
+        let attn = self
+            .hidden_dropout
+            .forward(&self.attn_out.forward(&ctx, train)?, train)?;
         let attn = self.attn_norm.forward(&(attn + x)?)?;
         let inner = gelu(&self.intermediate.forward(&attn, train)?)?;
-        let out = self.hidden_dropout.forward(&self.output.forward(&inner, train)?, train)?;
+        let out = self
+            .hidden_dropout
+            .forward(&self.output.forward(&inner, train)?, train)?;
         self.out_norm.forward(&(out + attn)?)
     }
 }
@@ -189,7 +221,13 @@ impl BertModel {
 
     /// Hidden states after the embeddings and after each layer (`num_hidden_layers + 1` tensors
     /// of shape `(batch, seq, hidden)`), as transformers' `output_hidden_states`.
-    pub fn hidden_states(&self, ids: &Tensor, token_types: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
         let mask = additive_mask(attention_mask)?;
         let mut states = vec![self.embeddings.forward(ids, token_types, train)?];
         for layer in &self.layers {
@@ -200,7 +238,13 @@ impl BertModel {
     }
 
     /// The last hidden state.
-    pub fn forward(&self, ids: &Tensor, token_types: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let mask = additive_mask(attention_mask)?;
         let mut x = self.embeddings.forward(ids, token_types, train)?;
         for layer in &self.layers {
@@ -245,8 +289,15 @@ impl BertForTokenClassification {
     }
 
     /// Per-token logits `(batch, seq, num_labels)`.
-    pub fn forward(&self, ids: &Tensor, token_types: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.bert.forward(ids, token_types, attention_mask, train)?;
-        self.classifier.forward(&self.dropout.forward(&h, train)?, train)
+        self.classifier
+            .forward(&self.dropout.forward(&h, train)?, train)
     }
 }

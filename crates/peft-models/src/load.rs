@@ -8,16 +8,24 @@ use crate::resolve::ModelFiles;
 
 /// Reads the model's `config.json` as a BERT config.
 pub fn read_bert_config(files: &ModelFiles) -> Result<BertConfig> {
-    let text = std::fs::read_to_string(&files.config).map_err(|e| PeftError::io(&files.config, e))?;
-    BertConfig::from_json(&text, &files.config.display().to_string()).map_err(|message| PeftError::Config {
-        key: "config.json".into(),
-        message,
+    let text =
+        std::fs::read_to_string(&files.config).map_err(|e| PeftError::io(&files.config, e))?;
+    BertConfig::from_json(&text, &files.config.display().to_string()).map_err(|message| {
+        PeftError::Config {
+            key: "config.json".into(),
+            message,
+        }
     })
 }
 
 /// Builds `BertForTokenClassification` with `num_labels` outputs from the model's checkpoint,
 /// applying `plan` (f32 weights on `device`).
-pub fn bert_token_classifier(files: &ModelFiles, plan: TuningPlan, num_labels: usize, device: &Device) -> Result<BertForTokenClassification> {
+pub fn bert_token_classifier(
+    files: &ModelFiles,
+    plan: TuningPlan,
+    num_labels: usize,
+    device: &Device,
+) -> Result<BertForTokenClassification> {
     let cfg = read_bert_config(files)?;
     let weights = WeightSource::from_safetensors(&files.weights)?;
     let builder = ModelBuilder::new(weights, plan, DType::F32, device.clone())?;

@@ -75,7 +75,10 @@ pub fn resolve_model(name: &str) -> Result<ModelFiles, ResolveError> {
         .build()
         .map_err(|e| not_found(e.to_string()))?;
     let repo = api.model(name.to_string());
-    let get = |f: &str| repo.get(f).map_err(|e| not_found(format!("download of {f} failed: {e}")));
+    let get = |f: &str| {
+        repo.get(f)
+            .map_err(|e| not_found(format!("download of {f} failed: {e}")))
+    };
     Ok(ModelFiles {
         name: name.into(),
         config: get("config.json")?,
@@ -129,7 +132,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().to_str().unwrap();
         let err = resolve_model(p).unwrap_err().to_string();
-        assert!(err.contains("no config") && err.contains("config.json"), "{err}");
+        assert!(
+            err.contains("no config") && err.contains("config.json"),
+            "{err}"
+        );
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
         let err = resolve_model(p).unwrap_err().to_string();
         assert!(err.contains("no weights"), "{err}");
@@ -140,7 +146,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::env::set_var("HF_HOME", dir.path());
         std::env::set_var("HF_HUB_OFFLINE", "1");
-        let err = resolve_model("nobody/no-such-model").unwrap_err().to_string();
-        assert!(err.contains("nobody/no-such-model") && err.contains("setup-assets.sh"), "{err}");
+        let err = resolve_model("nobody/no-such-model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nobody/no-such-model") && err.contains("setup-assets.sh"),
+            "{err}"
+        );
     }
 }

@@ -40,8 +40,21 @@ fn inputs(f: &std::collections::HashMap<String, Tensor>) -> (Tensor, Tensor, Ten
 
 /// Max abs difference over the positions the attention mask keeps.
 fn masked_max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let m = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
-    (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    let m = mask
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .broadcast_mul(&m)
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -49,7 +62,13 @@ fn hidden_states_match_transformers_bert_model() {
     let Some(files) = model() else { return };
     let cfg = read_bert_config(&files).unwrap();
     let weights = peft_core::WeightSource::from_safetensors(&files.weights).unwrap();
-    let b = peft_core::ModelBuilder::new(weights, TuningPlan::default(), candle_core::DType::F32, Device::Cpu).unwrap();
+    let b = peft_core::ModelBuilder::new(
+        weights,
+        TuningPlan::default(),
+        candle_core::DType::F32,
+        Device::Cpu,
+    )
+    .unwrap();
     let bert = BertModel::new(&cfg, &b).unwrap();
     let f = load("minilm_hidden.safetensors");
     let (ids, tt, mask) = inputs(&f);
@@ -58,7 +77,11 @@ fn hidden_states_match_transformers_bert_model() {
         let d = masked_max_diff(&states[i], &f[key], &f["attention_mask"]);
         assert!(d < TOL, "{key}: max abs diff {d}");
     }
-    let d = masked_max_diff(states.last().unwrap(), &f["last_hidden_state"], &f["attention_mask"]);
+    let d = masked_max_diff(
+        states.last().unwrap(),
+        &f["last_hidden_state"],
+        &f["attention_mask"],
+    );
     assert!(d < TOL, "last_hidden_state: max abs diff {d}");
 }
 
@@ -66,7 +89,11 @@ fn check_peft_adapter(dir: &str, logits_file: &str) {
     let Some(files) = model() else { return };
     let dir = fixtures().join(dir);
     let (adapter, _) = adapter_io::read_config(&dir).unwrap();
-    let plan = TuningPlan { adapter: Some(adapter), unfreeze: vec![], seed: 0 };
+    let plan = TuningPlan {
+        adapter: Some(adapter),
+        unfreeze: vec![],
+        seed: 0,
+    };
     let model = bert_token_classifier(&files, plan, 9, &Device::Cpu).unwrap();
     adapter_io::load_weights(&dir, &model.parts.params).unwrap();
     let f = load(logits_file);

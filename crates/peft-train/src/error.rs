@@ -8,6 +8,15 @@ use std::path::PathBuf;
 /// Errors raised by optimizers, schedules, metrics, logs and checkpoint writes.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// An error from peft-core (model building, adapter files, atomic writes).
+    #[error(transparent)]
+    Core(Box<peft_core::PeftError>),
+    /// An error in the data (file, line and what was expected).
+    #[error(transparent)]
+    Data(Box<peft_data::DataError>),
+    /// A model that cannot be found.
+    #[error(transparent)]
+    Resolve(Box<peft_models::ResolveError>),
     /// An error from candle, with the context in which it happened.
     #[error("{context}: {source}")]
     Candle {
@@ -59,6 +68,24 @@ pub enum TrainError {
         /// Which sentence differs and how.
         message: String,
     },
+}
+
+impl From<peft_core::PeftError> for TrainError {
+    fn from(e: peft_core::PeftError) -> Self {
+        Self::Core(Box::new(e))
+    }
+}
+
+impl From<peft_data::DataError> for TrainError {
+    fn from(e: peft_data::DataError) -> Self {
+        Self::Data(Box::new(e))
+    }
+}
+
+impl From<peft_models::ResolveError> for TrainError {
+    fn from(e: peft_models::ResolveError) -> Self {
+        Self::Resolve(Box::new(e))
+    }
 }
 
 /// Shorthand for results of this crate.

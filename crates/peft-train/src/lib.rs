@@ -1,7 +1,6 @@
 //! peft-train: optimizers, learning-rate schedules, gradient clipping, metrics, early stopping,
-//! metrics logs and atomic file writes for the peft-rs trainer loop.
+//! metrics logs for the peft-rs trainer loop.
 
-pub mod atomic;
 pub mod clip;
 pub mod early_stop;
 pub mod error;

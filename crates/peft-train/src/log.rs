@@ -91,7 +91,7 @@ impl MetricsLog {
             for r in &kept {
                 bytes.extend(record_line(r, &path)?);
             }
-            crate::atomic::write_atomic(&path, &bytes)?;
+            peft_core::fsio::write_atomic(&path, &bytes)?;
         }
         let file = OpenOptions::new()
             .create(true)

@@ -14,14 +14,6 @@ use crate::error::{Result, TrainError};
 /// The task name stored in adapter metadata.
 pub const TASK: &str = "token_classification";
 
-fn data_err(e: peft_data::DataError) -> TrainError {
-    TrainError::config("data", e.to_string())
-}
-
-fn model_err(e: impl std::fmt::Display) -> TrainError {
-    TrainError::config("model", e.to_string())
-}
-
 /// A CoNLL split read from disk and encoded for the model.
 pub struct Split {
     /// Where it came from.
@@ -47,11 +39,9 @@ pub fn load_split(
     aligner: &Aligner,
     split_name: &str,
 ) -> Result<Split> {
-    let sentences = read_conll(path, scheme).map_err(data_err)?;
-    labels
-        .check_split(&sentences, split_name)
-        .map_err(data_err)?;
-    let encoded = aligner.encode_all(&sentences, labels).map_err(data_err)?;
+    let sentences = read_conll(path, scheme)?;
+    labels.check_split(&sentences, split_name)?;
+    let encoded = aligner.encode_all(&sentences, labels)?;
     if encoded.truncated_words > 0 {
         tracing::warn!(
             "{}: {} words in {} sentences lie beyond max_length and are predicted as O",
@@ -75,7 +65,7 @@ pub fn aligner_for(files: &ModelFiles, options: AlignOptions) -> Result<Aligner>
             format!("model `{}` has no tokenizer.json", files.name),
         )
     })?;
-    Aligner::from_file(path, options).map_err(data_err)
+    Ok(Aligner::from_file(path, options)?)
 }
 
 /// A model with a trained NER adapter, ready for inference.
@@ -120,19 +110,17 @@ pub fn settings(
 /// Loads the base model named in the adapter (or `base` if given), checks the fingerprint, and
 /// loads the adapter weights.
 pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Result<NerModel> {
-    let (adapter, file) = adapter_io::read_config(dir).map_err(model_err)?;
-    let meta = adapter_io::read_meta(dir)
-        .map_err(model_err)?
-        .ok_or_else(|| {
-            TrainError::config(
-                "adapter",
-                format!(
-                    "{}: no {} (labels and tokenizer unknown); was it made by peft-rs?",
-                    dir.display(),
-                    adapter_io::META_FILE
-                ),
-            )
-        })?;
+    let (adapter, file) = adapter_io::read_config(dir)?;
+    let meta = adapter_io::read_meta(dir)?.ok_or_else(|| {
+        TrainError::config(
+            "adapter",
+            format!(
+                "{}: no {} (labels and tokenizer unknown); was it made by peft-rs?",
+                dir.display(),
+                adapter_io::META_FILE
+            ),
+        )
+    })?;
     if meta.task != TASK {
         return Err(TrainError::config(
             "adapter",
@@ -148,8 +136,8 @@ pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Resu
                 "adapter_config.json names no base model; pass --base",
             )
         })?;
-    let files = resolve_model(&base).map_err(model_err)?;
-    let labels = LabelSet::from_id2label(&meta.id2label).map_err(data_err)?;
+    let files = resolve_model(&base)?;
+    let labels = LabelSet::from_id2label(&meta.id2label)?;
     let options: AlignOptions = AlignOptions {
         label_all_subtokens: meta
             .settings
@@ -168,9 +156,9 @@ pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Resu
         unfreeze: vec![],
         seed: 0,
     };
-    let model = bert_token_classifier(&files, plan, labels.len(), device).map_err(model_err)?;
-    adapter_io::check_fingerprint(dir, &meta, &model.parts).map_err(model_err)?;
-    adapter_io::load_weights(dir, &model.parts.params).map_err(model_err)?;
+    let model = bert_token_classifier(&files, plan, labels.len(), device)?;
+    adapter_io::check_fingerprint(dir, &meta, &model.parts)?;
+    adapter_io::load_weights(dir, &model.parts.params)?;
     Ok(NerModel {
         model,
         labels,

@@ -120,7 +120,7 @@ impl Trainer {
             .collect();
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, *t)), None)
             .map_err(|e| TrainError::config("best.safetensors", e.to_string()))?;
-        crate::atomic::write_atomic(&path, &bytes)
+        Ok(peft_core::fsio::write_atomic(&path, &bytes)?)
     }
 
     /// Trains `task`; at the end the parameters hold the best epoch's values.
@@ -146,7 +146,8 @@ impl Trainer {
             let batches = task.epoch_batches(epoch);
             let bar = progress_bar(c.progress, batches.len(), epoch, c.epochs);
             let epoch_start = Instant::now();
-            let (mut window_loss, mut window_n, mut epoch_tokens) = (0f64, 0usize, 0usize);
+            let (mut window_loss, mut window_n, mut epoch_tokens, mut epoch_step) =
+                (0f64, 0usize, 0usize, 0usize);
             for chunk in batches.chunks(c.grad_accumulation) {
                 let mut acc: Option<GradStore> = None;
                 let mut chunk_loss = 0f64;
@@ -181,6 +182,7 @@ impl Trainer {
                     tracing::warn!("step {step}: gradient norm is {norm}; update skipped");
                 }
                 step += 1;
+                epoch_step += 1;
                 let mean_loss = chunk_loss * scale;
                 window_loss += mean_loss;
                 window_n += 1;
@@ -193,7 +195,7 @@ impl Trainer {
                     let rec = LogRecord {
                         event: Event::Train,
                         step: step as u64,
-                        epoch: Some(epoch as f64 + window_n as f64 / steps_per_epoch as f64),
+                        epoch: Some(epoch as f64 + epoch_step as f64 / steps_per_epoch as f64),
                         loss: Some(window_loss / window_n.max(1) as f64),
                         lr: Some(lr),
                         grad_norm: Some(norm),

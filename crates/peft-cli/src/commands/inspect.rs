@@ -25,7 +25,11 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: not a valid safetensors file", weights.display()))?;
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
-    let adapter_params: usize = tensors.iter().filter(|(k, _)| k.contains(".lora_")).map(|(_, t)| t.elem_count()).sum();
+    let adapter_params: usize = tensors
+        .iter()
+        .filter(|(k, _)| k.contains(".lora_"))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     let AdapterConfig::Lora(cfg) = &adapter;
     let report = serde_json::json!({
         "folder": dir.display().to_string(),

@@ -11,7 +11,12 @@ use peft_core::fsio::{write_atomic, write_atomic_with};
 use peft_train::ner::{load_ner_adapter, NerModel};
 
 /// Tokenizer files copied beside the merged weights when the base has them.
-const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// Every tensor of the merged model by its transformers name.
 pub fn merged_tensors(ner: &NerModel) -> Result<BTreeMap<String, Tensor>> {
@@ -19,14 +24,24 @@ pub fn merged_tensors(ner: &NerModel) -> Result<BTreeMap<String, Tensor>> {
     parts.registry.merge_all()?;
     // SAFETY: read-only mapping of checkpoint files we do not modify.
     let base = unsafe { MmapedSafetensors::multi(&ner.files.weights) }?;
-    let linears: BTreeMap<String, _> = parts.registry.linears().into_iter().map(|l| (format!("{}.weight", l.path()), l)).collect();
+    let linears: BTreeMap<String, _> = parts
+        .registry
+        .linears()
+        .into_iter()
+        .map(|l| (format!("{}.weight", l.path()), l))
+        .collect();
     let mut out = BTreeMap::new();
     for name in &parts.base_tensors {
         let t = if let Some(l) = linears.get(name) {
             l.weight()
         } else {
-            let key = if base.get(name).is_ok() { name.clone() } else { name.strip_prefix("bert.").unwrap_or(name).to_string() };
-            base.load(&key, &Device::Cpu).with_context(|| format!("base tensor `{key}`"))?
+            let key = if base.get(name).is_ok() {
+                name.clone()
+            } else {
+                name.strip_prefix("bert.").unwrap_or(name).to_string()
+            };
+            base.load(&key, &Device::Cpu)
+                .with_context(|| format!("base tensor `{key}`"))?
         };
         out.insert(name.clone(), t);
     }
@@ -45,8 +60,12 @@ pub fn run(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     let weights = out.join("model.safetensors");
     write_atomic_with(&weights, |tmp| {
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), tmp)
-            .map_err(|e| peft_core::PeftError::io(tmp, e))
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(meta),
+            tmp,
+        )
+        .map_err(|e| peft_core::PeftError::io(tmp, e))
     })?;
     let config_text = std::fs::read_to_string(&ner.files.config)?;
     let mut config: serde_json::Value = serde_json::from_str(&config_text)?;
@@ -54,14 +73,26 @@ pub fn run(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     config["architectures"] = serde_json::json!(["BertForTokenClassification"]);
     config["id2label"] = serde_json::json!(ner.labels.to_id2label());
     config["label2id"] = serde_json::json!(label2id);
-    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    let base_dir = ner.files.config.parent().context("config.json has no folder")?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    let base_dir = ner
+        .files
+        .config
+        .parent()
+        .context("config.json has no folder")?;
     for f in TOKENIZER_FILES {
         let src = base_dir.join(f);
         if src.is_file() {
             write_atomic(&out.join(f), &std::fs::read(&src)?)?;
         }
     }
-    println!("merged {} adapted layers into {} ({} tensors)", ner.model.parts.registry.adapted_paths().len(), out.display(), tensors.len());
+    println!(
+        "merged {} adapted layers into {} ({} tensors)",
+        ner.model.parts.registry.adapted_paths().len(),
+        out.display(),
+        tensors.len()
+    );
     Ok(())
 }

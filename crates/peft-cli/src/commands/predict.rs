@@ -60,11 +60,18 @@ fn entities(words: &[String], tags: &[String]) -> Vec<(String, String)> {
 pub fn run(adapter: &Path, text: &[String], base: Option<&str>, json: bool) -> Result<()> {
     let ner = load_ner_adapter(adapter, base, &Device::Cpu)?;
     let lines: Vec<String> = if text.is_empty() {
-        std::io::stdin().lock().lines().collect::<std::io::Result<_>>()?
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()?
     } else {
         text.to_vec()
     };
-    let sentences: Vec<Vec<String>> = lines.iter().map(|l| split_words(l)).filter(|w| !w.is_empty()).collect();
+    let sentences: Vec<Vec<String>> = lines
+        .iter()
+        .map(|l| split_words(l))
+        .filter(|w| !w.is_empty())
+        .collect();
     let encoded = sentences
         .iter()
         .map(|w| ner.aligner.encode_words(w))
@@ -74,10 +81,26 @@ pub fn run(adapter: &Path, text: &[String], base: Option<&str>, json: bool) -> R
     for (words, tags) in sentences.iter().zip(&tags) {
         let ents = entities(words, tags);
         if json {
-            let ents: Vec<_> = ents.iter().map(|(t, k)| serde_json::json!({"text": t, "type": k})).collect();
-            println!("{}", serde_json::json!({"words": words, "tags": tags, "entities": ents}));
+            let ents: Vec<_> = ents
+                .iter()
+                .map(|(t, k)| serde_json::json!({"text": t, "type": k}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"words": words, "tags": tags, "entities": ents})
+            );
         } else {
-            let tagged: Vec<String> = words.iter().zip(tags).map(|(w, t)| if t == "O" { w.clone() } else { format!("{w}/{t}") }).collect();
+            let tagged: Vec<String> = words
+                .iter()
+                .zip(tags)
+                .map(|(w, t)| {
+                    if t == "O" {
+                        w.clone()
+                    } else {
+                        format!("{w}/{t}")
+                    }
+                })
+                .collect();
             println!("{}", tagged.join(" "));
             for (t, k) in ents {
                 println!("  {k:<5} {t}");
@@ -93,9 +116,22 @@ mod tests {
 
     #[test]
     fn splits_punctuation_and_groups_entities() {
-        assert_eq!(split_words("Merkel visited Paris, on Monday."), ["Merkel", "visited", "Paris", ",", "on", "Monday", "."]);
-        let w: Vec<String> = ["Angela", "Merkel", "visited", "New", "York"].map(String::from).to_vec();
-        let t: Vec<String> = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"].map(String::from).to_vec();
-        assert_eq!(entities(&w, &t), [("Angela Merkel".to_string(), "PER".to_string()), ("New York".into(), "LOC".into())]);
+        assert_eq!(
+            split_words("Merkel visited Paris, on Monday."),
+            ["Merkel", "visited", "Paris", ",", "on", "Monday", "."]
+        );
+        let w: Vec<String> = ["Angela", "Merkel", "visited", "New", "York"]
+            .map(String::from)
+            .to_vec();
+        let t: Vec<String> = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            entities(&w, &t),
+            [
+                ("Angela Merkel".to_string(), "PER".to_string()),
+                ("New York".into(), "LOC".into())
+            ]
+        );
     }
 }

@@ -14,7 +14,7 @@ use peft_train::optim::AdamWConfig;
 use peft_train::tasks::token_classification::{evaluate_tags, TokenClassification};
 use peft_train::{Trainer, TrainerConfig};
 
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, TaskKind};
 
 /// Sentences per evaluation batch.
 const EVAL_BATCH: usize = 64;
@@ -22,13 +22,14 @@ const EVAL_BATCH: usize = 64;
 pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<()> {
     let started = Instant::now();
     let recipe = Recipe::load(recipe_path, overrides)?;
+    let TaskKind::TokenClassification = recipe.task.kind;
     let device = parse_device(&recipe.model.device)?;
     let files = resolve_model(&recipe.model.name)?;
     let options = AlignOptions {
         label_all_subtokens: recipe.task.label_all_subtokens,
         max_len: Some(recipe.task.max_length),
     };
-    let aligner = aligner_for(&files, options.clone())?;
+    let aligner = aligner_for(&files, options)?;
     let d = &recipe.data;
     let mut train_sentences = peft_data::read_conll(&d.train, d.tag_scheme)?;
     if let Some(n) = d.limit_train {
@@ -40,7 +41,11 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let labels = LabelSet::from_sentences(&train_sentences);
     let train_items = aligner.encode_all(&train_sentences, &labels)?.items;
     let valid = load_split(&d.valid, d.tag_scheme, &labels, &aligner, "valid")?;
-    let test = d.test.as_ref().map(|p| load_split(p, d.tag_scheme, &labels, &aligner, "test")).transpose()?;
+    let test = d
+        .test
+        .as_ref()
+        .map(|p| load_split(p, d.tag_scheme, &labels, &aligner, "test"))
+        .transpose()?;
     tracing::info!(
         "data: {} train, {} valid, {} test sentences; {} labels",
         train_items.len(),
@@ -69,7 +74,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         valid: valid.encoded.items.clone(),
         valid_gold: valid.gold(),
         labels: labels.clone(),
-        collator: collator.clone(),
+        collator,
         batcher: Batcher::new(lengths, recipe.train.batch_size, recipe.train.seed)?,
         eval_batch_size: EVAL_BATCH,
     };
@@ -77,7 +82,11 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let trainer = Trainer::new(
         TrainerConfig {
             epochs: t.epochs,
-            optimizer: AdamWConfig { lr: t.lr, weight_decay: t.weight_decay, ..Default::default() },
+            optimizer: AdamWConfig {
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+                ..Default::default()
+            },
             schedule: t.schedule.clone(),
             max_grad_norm: t.max_grad_norm,
             grad_accumulation: t.grad_accumulation,
@@ -91,7 +100,14 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let summary = trainer.fit(&task)?;
 
     let test_scores = match &test {
-        Some(split) => Some(evaluate_tags(&model, &split.encoded.items, &split.gold(), &labels, &collator, EVAL_BATCH)?),
+        Some(split) => Some(evaluate_tags(
+            &model,
+            &split.encoded.items,
+            &split.gold(),
+            &labels,
+            &collator,
+            EVAL_BATCH,
+        )?),
         None => None,
     };
     let mut data_paths = vec![("train", d.train.as_path()), ("valid", d.valid.as_path())];
@@ -108,6 +124,20 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let out = &recipe.output.adapter_dir;
     adapter_io::save(out, &model.parts, &files.name, "TOKEN_CLS", &meta)?;
     let adapter_bytes = super::inspect::folder_bytes(out)?;
+    super::card::write(
+        out,
+        &super::card::CardFacts {
+            recipe: recipe_path,
+            overrides,
+            base_model: &files.name,
+            data: &data_paths,
+            trainable,
+            adapter_bytes,
+            summary: &summary,
+            test: test_scores.as_ref(),
+            labels: labels.names(),
+        },
+    )?;
     let report = serde_json::json!({
         "recipe": recipe_path.display().to_string(),
         "overrides": overrides,
@@ -120,18 +150,30 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     let report_path = recipe.output.run_dir.join("summary.json");
-    peft_core::fsio::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
-        .with_context(|| format!("writing {}", report_path.display()))?;
+    peft_core::fsio::write_atomic(
+        &report_path,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", report_path.display()))?;
     println!("adapter       {}", out.display());
     println!("trainable     {trainable} parameters");
     println!("adapter size  {adapter_bytes} bytes");
     if let Some(best) = &summary.best {
-        println!("valid F1      {:.4} (epoch {})", best.score, summary.best_epoch);
+        println!(
+            "valid F1      {:.4} (epoch {})",
+            best.score, summary.best_epoch
+        );
     }
     if let Some(s) = &test_scores {
-        println!("test F1       {:.4} (P {:.4}, R {:.4})", s.overall.f1, s.overall.precision, s.overall.recall);
+        println!(
+            "test F1       {:.4} (P {:.4}, R {:.4})",
+            s.overall.f1, s.overall.precision, s.overall.recall
+        );
     }
-    println!("train time    {:.0} s ({:.0} tokens/s)", summary.train_seconds, summary.tokens_per_second);
+    println!(
+        "train time    {:.0} s ({:.0} tokens/s)",
+        summary.train_seconds, summary.tokens_per_second
+    );
     println!("run log       {}", recipe.output.run_dir.display());
     Ok(())
 }

@@ -167,7 +167,9 @@ mod tests {
         }
         // candle's own matmul, by contrast, does compute a gradient for the frozen weight.
         let grads = x.matmul(&w.t()?)?.sum_all()?.backward()?;
-        assert!(grads.get_ids().any(|id| grads.get_id(*id).unwrap().dims() == [8, 6]));
+        assert!(grads
+            .get_ids()
+            .any(|id| grads.get_id(*id).unwrap().dims() == [8, 6]));
         Ok(())
     }
 
@@ -175,7 +177,14 @@ mod tests {
     fn finite_differences_agree_with_the_input_gradient() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let x0: Vec<f64> = (0..12).map(|i| (i as f64 * 0.37).sin()).collect();
-        let w = Tensor::new(&[[0.3f64, -1.2, 0.5, 2.0], [1.1, 0.4, -0.7, 0.2], [0.0, 0.9, 1.3, -0.5]], &dev)?;
+        let w = Tensor::new(
+            &[
+                [0.3f64, -1.2, 0.5, 2.0],
+                [1.1, 0.4, -0.7, 0.2],
+                [0.0, 0.9, 1.3, -0.5],
+            ],
+            &dev,
+        )?;
         let loss = |x: &Tensor| -> candle_core::Result<Tensor> {
             frozen_linear(x, &w, None)?.tanh()?.sum_all()
         };
@@ -192,7 +201,11 @@ mod tests {
                 loss(&Tensor::from_vec(v, (3, 4), &dev)?)?.to_scalar::<f64>()
             };
             let numeric = (f(plus)? - f(minus)?) / (2. * eps);
-            assert!((numeric - analytic[i]).abs() < 1e-7, "d/dx[{i}]: {numeric} vs {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-7,
+                "d/dx[{i}]: {numeric} vs {}",
+                analytic[i]
+            );
         }
         Ok(())
     }

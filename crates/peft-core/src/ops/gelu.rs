@@ -16,7 +16,9 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
     let y = 1.0 - poly * (-a * a).exp();
     y.copysign(x)
 }
@@ -41,16 +43,20 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = input(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-            }
-        });
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
+        ))
     }
 }
 
@@ -62,17 +68,25 @@ impl CustomOp2 for GeluBackward {
         "gelu-erf-backward"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = input(xs, xl, self.name())?;
         let g = input(gs, gl, self.name())?;
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(d, (x, g))| {
-            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
-                *d = g * (cdf + x * pdf);
-            }
-        });
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(d, (x, g))| {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+                    *d = g * (cdf + x * pdf);
+                }
+            });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
@@ -93,7 +107,12 @@ mod tests {
 
     #[test]
     fn matches_candle_gelu_erf_and_its_gradient() -> candle_core::Result<()> {
-        let x = Var::new((0..2001).map(|i| (i as f32 - 1000.0) / 150.0).collect::<Vec<_>>(), &Device::Cpu)?;
+        let x = Var::new(
+            (0..2001)
+                .map(|i| (i as f32 - 1000.0) / 150.0)
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
         let ours = gelu(x.as_tensor())?;
         let reference = x.as_tensor().gelu_erf()?;
         let d = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -101,7 +120,10 @@ mod tests {
         let w = x.as_tensor().cos()?.detach();
         let g1 = (ours * &w)?.sum_all()?.backward()?;
         let g2 = (reference * &w)?.sum_all()?.backward()?;
-        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "gradient differs by {d}");
         Ok(())
     }

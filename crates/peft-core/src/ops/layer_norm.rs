@@ -81,7 +81,11 @@ impl CustomOp2 for FrozenLayerNormBackward {
         let h = self.gamma.len();
         let mut dx = vec![0f32; x.len()];
         let mut gg = vec![0f32; h];
-        for ((row, grow), drow) in x.chunks_exact(h).zip(g.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+        for ((row, grow), drow) in x
+            .chunks_exact(h)
+            .zip(g.chunks_exact(h))
+            .zip(dx.chunks_exact_mut(h))
+        {
             let (mean, rstd) = row_stats(row, self.eps);
             let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
             for i in 0..h {
@@ -100,7 +104,12 @@ impl CustomOp2 for FrozenLayerNormBackward {
 }
 
 /// Composite LayerNorm: differentiable in `x`, `gamma` and `beta`.
-fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+fn layer_norm_composite(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     // Half types are normalised in f32; f32 and f64 in their own precision.
     let work = match dtype {
@@ -111,13 +120,20 @@ fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> 
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
     normed.broadcast_mul(gamma)?.broadcast_add(beta)
 }
 
 /// LayerNorm over the last dimension. When neither `gamma` nor `beta` is trainable and the input
 /// is f32 on the CPU, a fused op runs that computes no gradient for them.
-pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let frozen = !gamma.is_variable() && !beta.is_variable();
     if frozen && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         let op = FrozenLayerNorm {
@@ -145,7 +161,10 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (3, 4, 16), &dev)?;
         let fused = layer_norm(x.as_tensor(), &gamma, &beta, 1e-12)?;
         let reference = layer_norm_composite(x.as_tensor(), &gamma, &beta, 1e-12)?;
-        let diff = (&fused - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&fused - &reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "forward differs by {diff}");
         let g1 = (fused * &w)?.sum_all()?.backward()?;
         let g2 = (reference * &w)?.sum_all()?.backward()?;
@@ -162,8 +181,15 @@ mod tests {
         let x0: Vec<f64> = (0..10).map(|i| (i as f64 * 0.71).cos() * 2.0).collect();
         let gamma = Var::new(&[0.5f64, 1.5, -0.3, 0.8, 1.0], &dev)?;
         let beta = Tensor::new(&[0.1f64, 0.0, -0.2, 0.3, 0.0], &dev)?;
-        let w = Tensor::new(&[[1.0f64, -2.0, 0.5, 0.3, 2.2], [0.7, 0.1, -1.1, 1.9, -0.4]], &dev)?;
-        let f = |x: &Tensor| layer_norm(x, gamma.as_tensor(), &beta, 1e-5)?.mul(&w)?.sum_all();
+        let w = Tensor::new(
+            &[[1.0f64, -2.0, 0.5, 0.3, 2.2], [0.7, 0.1, -1.1, 1.9, -0.4]],
+            &dev,
+        )?;
+        let f = |x: &Tensor| {
+            layer_norm(x, gamma.as_tensor(), &beta, 1e-5)?
+                .mul(&w)?
+                .sum_all()
+        };
         let x = Var::from_tensor(&Tensor::from_vec(x0.clone(), (2, 5), &dev)?)?;
         let grads = f(x.as_tensor())?.backward()?;
         let analytic: Vec<f64> = grads.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
@@ -174,9 +200,16 @@ mod tests {
             let fp = f(&Tensor::from_vec(p, (2, 5), &dev)?)?.to_scalar::<f64>()?;
             let fm = f(&Tensor::from_vec(m, (2, 5), &dev)?)?.to_scalar::<f64>()?;
             let numeric = (fp - fm) / 2e-6;
-            assert!((numeric - analytic[i]).abs() < 1e-6, "x[{i}]: {numeric} vs {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-6,
+                "x[{i}]: {numeric} vs {}",
+                analytic[i]
+            );
         }
-        assert!(grads.get(gamma.as_tensor()).is_some(), "trainable gamma gets a gradient");
+        assert!(
+            grads.get(gamma.as_tensor()).is_some(),
+            "trainable gamma gets a gradient"
+        );
         Ok(())
     }
 }

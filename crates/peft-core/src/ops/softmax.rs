@@ -25,7 +25,11 @@ impl CustomOp1 for MaskedSoftmax {
         let x = &v[a..b];
         let keys = l.dims()[l.dims().len() - 1];
         let mut out = vec![0f32; x.len()];
-        for (r, (row, o)) in x.chunks_exact(keys).zip(out.chunks_exact_mut(keys)).enumerate() {
+        for (r, (row, o)) in x
+            .chunks_exact(keys)
+            .zip(out.chunks_exact_mut(keys))
+            .enumerate()
+        {
             match &self.mask {
                 Some(mask) => {
                     let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
@@ -60,12 +64,19 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Re
     let (batch, heads, queries, keys) = scores.dims4()?;
     if scores.device().is_cpu() && scores.dtype() == candle_core::DType::F32 {
         let mask = match mask {
-            Some(m) => Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?),
+            Some(m) => Some(
+                m.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ),
             None => None,
         };
         if let Some(m) = &mask {
             if m.len() != batch * keys {
-                candle_core::bail!("masked-softmax: mask has {} values, expected {batch}×{keys}", m.len())
+                candle_core::bail!(
+                    "masked-softmax: mask has {} values, expected {batch}×{keys}",
+                    m.len()
+                )
             }
         }
         scores.contiguous()?.apply_op1(MaskedSoftmax {

@@ -25,7 +25,10 @@ const MAX_POINTS: usize = 2000;
 
 /// Writes the plot of `records` to `path` (atomically).
 pub fn svg_plot(records: &[LogRecord], path: impl AsRef<Path>) -> Result<()> {
-    crate::atomic::write_atomic(path, render_svg(records).as_bytes())
+    Ok(peft_core::fsio::write_atomic(
+        path.as_ref(),
+        render_svg(records).as_bytes(),
+    )?)
 }
 
 /// The plot of `records` as an SVG document.

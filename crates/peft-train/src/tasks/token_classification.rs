@@ -14,7 +14,7 @@ fn candle<T>(what: &str, r: candle_core::Result<T>) -> Result<T> {
 }
 
 fn core<T>(r: peft_core::Result<T>) -> Result<T> {
-    r.map_err(|e| TrainError::config("model", e.to_string()))
+    Ok(r?)
 }
 
 /// The tensors of one padded batch.
@@ -36,9 +36,7 @@ pub fn batch_tensors(
     indices: &[usize],
     device: &Device,
 ) -> Result<BatchTensors> {
-    let b = collator
-        .collate(items, indices)
-        .map_err(|e| TrainError::config("batch", e.to_string()))?;
+    let b = collator.collate(items, indices)?;
     let shape = (b.batch_size, b.seq_len);
     let t = |v: Vec<u32>| candle("batch", Tensor::from_vec(v, shape, device));
     Ok(BatchTensors {
@@ -84,8 +82,7 @@ pub fn predict_tags(
     collator: &Collator,
     batch_size: usize,
 ) -> Result<Vec<Vec<String>>> {
-    let batcher = Batcher::new(items.iter().map(|e| e.len()).collect(), batch_size, 0)
-        .map_err(|e| TrainError::config("batch_size", e.to_string()))?;
+    let batcher = Batcher::new(items.iter().map(|e| e.len()).collect(), batch_size, 0)?;
     let device = model
         .parts
         .params
@@ -105,9 +102,7 @@ pub fn predict_tags(
                 .and_then(|t| t.to_dtype(DType::U32)?.to_vec2()),
         )?;
         for (row, i) in idx.iter().enumerate() {
-            out[*i] = items[*i]
-                .word_tags(&preds[row], labels)
-                .map_err(|e| TrainError::config("predict", e.to_string()))?;
+            out[*i] = items[*i].word_tags(&preds[row], labels)?;
         }
     }
     Ok(out)
