@@ -270,6 +270,7 @@ pub struct BertForTokenClassification {
     pub parts: TunedParts,
     /// The configuration.
     pub config: BertConfig,
+    device: candle_core::Device,
 }
 
 impl BertForTokenClassification {
@@ -285,7 +286,13 @@ impl BertForTokenClassification {
             classifier,
             parts: b.parts(),
             config: cfg.clone(),
+            device: b.device().clone(),
         })
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// Per-token logits `(batch, seq, num_labels)`.

@@ -3,6 +3,7 @@
 //! which showed as 12% of a BERT training step; this op evaluates erf with a short polynomial
 //! (max abs error 1.5e-7, Abramowitz & Stegun 7.1.26) over parallel chunks.
 
+use super::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -23,16 +24,6 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
-fn input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: only f32 is supported on the CPU path")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -41,7 +32,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = input(s, l, self.name())?;
+        let x = contiguous_f32(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -75,8 +66,8 @@ impl CustomOp2 for GeluBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = input(xs, xl, self.name())?;
-        let g = input(gs, gl, self.name())?;
+        let x = contiguous_f32(xs, xl, self.name())?;
+        let g = contiguous_f32(gs, gl, self.name())?;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

@@ -2,6 +2,7 @@
 //! backward gives `dx` alone, computed in one pass from the saved input. With trainable affine
 //! parameters, [`layer_norm`] falls back to composite candle ops, which give every gradient.
 
+use super::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
 struct FrozenLayerNorm {
@@ -16,16 +17,6 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + eps).sqrt())
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: only f32 is supported on the CPU path")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
 }
 
 impl CustomOp1 for FrozenLayerNorm {

@@ -1,6 +1,7 @@
 //! Softmax over the last dimension with an optional frozen additive mask, as attention needs it.
 //! The mask lives inside the op, so autograd computes no gradient buffer for it.
 
+use super::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
 struct MaskedSoftmax {
@@ -16,13 +17,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("masked-softmax: only f32 is supported on the CPU path")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("masked-softmax: input must be contiguous")
-        };
-        let x = &v[a..b];
+        let x = contiguous_f32(s, l, self.name())?;
         let keys = l.dims()[l.dims().len() - 1];
         let mut out = vec![0f32; x.len()];
         for (r, (row, o)) in x

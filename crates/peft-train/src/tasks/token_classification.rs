@@ -83,16 +83,10 @@ pub fn predict_tags(
     batch_size: usize,
 ) -> Result<Vec<Vec<String>>> {
     let batcher = Batcher::new(items.iter().map(|e| e.len()).collect(), batch_size, 0)?;
-    let device = model
-        .parts
-        .params
-        .named_vars()
-        .first()
-        .map(|(_, v)| v.device().clone())
-        .unwrap_or(Device::Cpu);
+    let device = model.device();
     let mut out = vec![Vec::new(); items.len()];
     for idx in batcher.sequential() {
-        let bt = batch_tensors(collator, items, &idx, &device)?;
+        let bt = batch_tensors(collator, items, &idx, device)?;
         let logits =
             core(model.forward(&bt.input_ids, &bt.token_type_ids, &bt.attention_mask, false))?;
         let preds: Vec<Vec<u32>> = candle(
@@ -151,15 +145,8 @@ impl Task for TokenClassification<'_> {
     }
 
     fn loss(&self, batch: &[usize], train: bool) -> Result<(Tensor, usize)> {
-        let device = self
-            .model
-            .parts
-            .params
-            .named_vars()
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu);
-        let bt = batch_tensors(&self.collator, &self.train, batch, &device)?;
+        let device = self.model.device();
+        let bt = batch_tensors(&self.collator, &self.train, batch, device)?;
         let logits =
             core(
                 self.model
