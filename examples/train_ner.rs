@@ -55,16 +55,16 @@ fn main() -> anyhow::Result<()> {
     };
     let model = bert_token_classifier(&files, plan, labels.len(), &Device::Cpu)?;
     let collator = Collator::new(aligner.pad_id());
-    let task = TokenClassification {
-        model: &model,
-        batcher: Batcher::new(train.iter().map(|e| e.len()).collect(), 32, 42)?,
+    let batcher = Batcher::new(train.iter().map(|e| e.len()).collect(), 32, 42)?;
+    let task = TokenClassification::new(
+        &model,
         train,
-        valid: valid.encoded.items.clone(),
-        valid_gold: valid.gold(),
-        labels: labels.clone(),
+        valid.encoded.items.clone(),
+        valid.gold(),
+        labels.clone(),
         collator,
-        eval_batch_size: 64,
-    };
+        batcher,
+    );
     let config = TrainerConfig {
         epochs: 1,
         optimizer: AdamWConfig {

@@ -245,12 +245,8 @@ impl BertModel {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let mask = additive_mask(attention_mask)?;
-        let mut x = self.embeddings.forward(ids, token_types, train)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, Some(&mask), train)?;
-        }
-        Ok(x)
+        let mut states = self.hidden_states(ids, token_types, attention_mask, train)?;
+        Ok(states.pop().expect("the embeddings output is always there"))
     }
 }
 

@@ -68,16 +68,16 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     );
     let collator = Collator::new(aligner.pad_id());
     let lengths: Vec<usize> = train_items.iter().map(|e| e.len()).collect();
-    let task = TokenClassification {
-        model: &model,
-        train: train_items,
-        valid: valid.encoded.items.clone(),
-        valid_gold: valid.gold(),
-        labels: labels.clone(),
+    let batcher = Batcher::new(lengths, recipe.train.batch_size, recipe.train.seed)?;
+    let task = TokenClassification::new(
+        &model,
+        train_items,
+        valid.encoded.items.clone(),
+        valid.gold(),
+        labels.clone(),
         collator,
-        batcher: Batcher::new(lengths, recipe.train.batch_size, recipe.train.seed)?,
-        eval_batch_size: EVAL_BATCH,
-    };
+        batcher,
+    );
     let t = &recipe.train;
     let trainer = Trainer::new(
         TrainerConfig {

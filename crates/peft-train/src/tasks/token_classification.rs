@@ -133,6 +133,39 @@ pub struct TokenClassification<'a> {
     pub batcher: Batcher,
     /// Batch size for evaluation.
     pub eval_batch_size: usize,
+    /// Mean number of labelled tokens per training batch (see [`TokenClassification::loss`]).
+    labelled_per_batch: f64,
+}
+
+impl<'a> TokenClassification<'a> {
+    /// A task training `model` on `train` and scoring it on `valid` against `valid_gold`
+    /// (evaluation batches of 64 sentences; set `eval_batch_size` to change that).
+    pub fn new(
+        model: &'a BertForTokenClassification,
+        train: Vec<Encoded>,
+        valid: Vec<Encoded>,
+        valid_gold: Vec<Vec<String>>,
+        labels: LabelSet,
+        collator: Collator,
+        batcher: Batcher,
+    ) -> Self {
+        let labelled: usize = train
+            .iter()
+            .map(|e| e.labels.iter().filter(|l| **l != IGNORE_INDEX).count())
+            .sum();
+        let labelled_per_batch = labelled as f64 / batcher.num_batches().max(1) as f64;
+        Self {
+            model,
+            train,
+            valid,
+            valid_gold,
+            labels,
+            collator,
+            batcher,
+            eval_batch_size: 64,
+            labelled_per_batch,
+        }
+    }
 }
 
 impl Task for TokenClassification<'_> {
@@ -144,6 +177,12 @@ impl Task for TokenClassification<'_> {
         self.batcher.epoch_batches(epoch as u64)
     }
 
+    /// The summed cross-entropy of the batch's labelled tokens divided by the mean number of
+    /// labelled tokens per batch: every token weighs the same whichever batch it lands in.
+    /// Length-bucketed batches differ a lot in size (CoNLL mixes one-line score tables with long
+    /// news sentences), and a plain per-batch mean would give a token in a short batch many times
+    /// the weight of one in a long batch; over an epoch this objective averages to the mean
+    /// per-token loss, the expectation of what randomly composed batches minimise.
     fn loss(&self, batch: &[usize], train: bool) -> Result<(Tensor, usize)> {
         let device = self.model.device();
         let bt = batch_tensors(&self.collator, &self.train, batch, device)?;
@@ -152,9 +191,12 @@ impl Task for TokenClassification<'_> {
                 self.model
                     .forward(&bt.input_ids, &bt.token_type_ids, &bt.attention_mask, train),
             )?;
-        let (loss, _) = masked_cross_entropy(&logits, &bt.labels)?;
-        let tokens = bt.labels.len();
-        Ok((loss, tokens))
+        let (mean, labelled) = masked_cross_entropy(&logits, &bt.labels)?;
+        let loss = candle(
+            "loss weighting",
+            mean.affine(labelled as f64 / self.labelled_per_batch, 0.0),
+        )?;
+        Ok((loss, bt.labels.len()))
     }
 
     fn evaluate(&self) -> Result<Evaluation> {
