@@ -31,7 +31,8 @@ struct Shared {
     strip_prefix: Option<String>,
     dropout_rng: DropoutRng,
     init_rng: Mutex<rand::rngs::StdRng>,
-    fingerprint: Mutex<BTreeMap<String, [u8; 32]>>,
+    /// Digest and checkpoint key of every base tensor loaded, by model name.
+    fingerprint: Mutex<BTreeMap<String, ([u8; 32], String)>>,
 }
 
 /// Builds a model layer by layer; cheap to clone, each clone at its own path.
@@ -54,8 +55,8 @@ pub struct TunedParts {
     pub plan: TuningPlan,
     /// The seeded stream shared by every dropout layer.
     pub dropout_rng: DropoutRng,
-    /// The model names of every base tensor the model loaded, sorted.
-    pub base_tensors: Vec<String>,
+    /// Every base tensor the model loaded: its model name and its key in the checkpoint, sorted.
+    pub base_tensors: Vec<(String, String)>,
 }
 
 impl ModelBuilder {
@@ -155,7 +156,7 @@ impl ModelBuilder {
         s.fingerprint
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.into(), digest);
+            .insert(name.into(), (digest, key));
         Ok(t)
     }
 
@@ -294,7 +295,7 @@ impl ModelBuilder {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut h = Sha256::new();
-        for (name, digest) in fp.iter() {
+        for (name, (digest, _)) in fp.iter() {
             h.update(name.as_bytes());
             h.update(digest);
         }
@@ -304,7 +305,10 @@ impl ModelBuilder {
             base_fingerprint: format!("sha256:{:x}", h.finalize()),
             plan: self.shared.plan.plan.clone(),
             dropout_rng: self.shared.dropout_rng.clone(),
-            base_tensors: fp.keys().cloned().collect(),
+            base_tensors: fp
+                .iter()
+                .map(|(n, (_, k))| (n.clone(), k.clone()))
+                .collect(),
         }
     }
 }

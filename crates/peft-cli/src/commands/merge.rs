@@ -31,16 +31,11 @@ pub fn merged_tensors(ner: &NerModel) -> Result<BTreeMap<String, Tensor>> {
         .map(|l| (format!("{}.weight", l.path()), l))
         .collect();
     let mut out = BTreeMap::new();
-    for name in &parts.base_tensors {
+    for (name, key) in &parts.base_tensors {
         let t = if let Some(l) = linears.get(name) {
             l.weight()
         } else {
-            let key = if base.get(name).is_ok() {
-                name.clone()
-            } else {
-                name.strip_prefix("bert.").unwrap_or(name).to_string()
-            };
-            base.load(&key, &Device::Cpu)
+            base.load(key, &Device::Cpu)
                 .with_context(|| format!("base tensor `{key}`"))?
         };
         out.insert(name.clone(), t);
