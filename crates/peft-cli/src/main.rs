@@ -69,6 +69,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time training steps, inference and the adapter kernels on random-weight BERT shapes.
+    Bench {
+        /// Comma-separated suites: train, infer, kernels (kernels checks every op against the
+        /// CPU first, then times the LoRA linear).
+        #[arg(long, default_value = "train,infer")]
+        suite: String,
+        /// minilm (all-MiniLM-L6-v2 shape), bert-base, or tiny.
+        #[arg(long, default_value = "minilm")]
+        model: String,
+        /// Comma-separated training methods: full, lora-qv, lora-all.
+        #[arg(long, default_value = "full,lora-qv,lora-all")]
+        methods: String,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, or bf16 (frozen weights and activations; trainable weights stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Comma-separated sequence lengths.
+        #[arg(long, default_value = "128")]
+        seqs: String,
+        /// Timed steps per case (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
     Merge {
         /// The adapter folder.
@@ -113,6 +147,29 @@ fn main() -> ExitCode {
             json,
         } => commands::predict::run(&adapter, &text, base.as_deref(), json),
         Command::Inspect { adapter, json } => commands::inspect::run(&adapter, json),
+        Command::Bench {
+            suite,
+            model,
+            methods,
+            device,
+            dtype,
+            batch,
+            seqs,
+            steps,
+            warmup,
+            out,
+        } => commands::bench::run(&commands::bench::BenchArgs {
+            suites: &suite,
+            model: &model,
+            methods: &methods,
+            device: &device,
+            dtype: &dtype,
+            batch,
+            seqs: &seqs,
+            steps,
+            warmup,
+            out: out.as_deref(),
+        }),
         Command::Merge { adapter, out, base } => {
             commands::merge::run(&adapter, &out, base.as_deref())
         }

@@ -265,11 +265,10 @@ impl ModelBuilder {
 
     /// The base embedding `name` (`weight` `vocab × dim`).
     pub fn embedding(&self, vocab: usize, dim: usize, name: &str) -> Result<Embedding> {
-        Ok(Embedding::new(self.pp(name).param(
-            "weight",
-            (vocab, dim),
-            Init::Normal(0.02),
-        )?))
+        let table = self
+            .pp(name)
+            .param("weight", (vocab, dim), Init::Normal(0.02))?;
+        Ok(Embedding::new(table).with_output_dtype(self.dtype()))
     }
 
     /// The base LayerNorm `name` (`weight` and `bias` of size `dim`).

@@ -7,6 +7,8 @@
 
 pub mod adapter_io;
 mod builder;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod device;
 mod error;
 pub mod fsio;

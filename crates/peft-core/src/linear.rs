@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use crate::error::{PeftError, Result};
 use crate::lora::LoraAdapter;
-use crate::ops::frozen_linear;
+use crate::ops::{frozen_linear, lora_linear, LoraBranch};
 
 struct LinearState {
     weight: Tensor,
@@ -94,18 +94,33 @@ impl TunableLinear {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
-        let mut y = if trainable_base {
-            let y = x2.matmul(&w.t()?)?;
-            match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
+        let lora = self.lora.as_ref().filter(|_| !state.merged);
+        let y = match (lora, trainable_base) {
+            (Some(lora), false) => {
+                let mask = lora.dropout_mask(&x2, train)?;
+                let branch = LoraBranch {
+                    a: lora.a.as_tensor(),
+                    b: lora.b.as_tensor(),
+                    scale: lora.scaling,
+                    mask: mask.as_ref(),
+                };
+                lora_linear(&x2, w, bias, &branch)?
             }
-        } else {
-            frozen_linear(&x2, w, bias)?
+            (lora, true) => {
+                // A trainable base (full fine-tuning, or an unfrozen layer): plain ops, cast to
+                // the activations' dtype so that mixed precision keeps f32 master weights.
+                let dtype = x2.dtype();
+                let mut y = x2.matmul(&w.to_dtype(dtype)?.t()?)?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(&b.to_dtype(dtype)?)?;
+                }
+                if let Some(lora) = lora {
+                    y = (y + lora.delta(&x2, train)?)?;
+                }
+                y
+            }
+            (None, false) => frozen_linear(&x2, w, bias)?,
         };
-        if let (Some(lora), false) = (&self.lora, state.merged) {
-            y = (y + lora.delta(&x2, train)?)?;
-        }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = w.dims()[0];

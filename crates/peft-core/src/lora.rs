@@ -53,12 +53,17 @@ impl LoraAdapter {
         })
     }
 
-    /// `s · B·A·dropout(x)` for `x` of shape `(rows, in)`.
+    /// `s · B·A·dropout(x)` for `x` of shape `(rows, in)`, in `x`'s dtype.
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.dropout.forward(x, train)?;
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        let y = h.matmul(&self.b.as_tensor().t()?)?;
+        let h = x.matmul(&self.a.as_tensor().to_dtype(x.dtype())?.t()?)?;
+        let y = h.matmul(&self.b.as_tensor().to_dtype(x.dtype())?.t()?)?;
         Ok((y * self.scaling)?)
+    }
+
+    /// The next dropout keep-mask for the adapter's input `x` (`None` at evaluation or `p = 0`).
+    pub fn dropout_mask(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        Ok(self.dropout.mask_for(x, train)?)
     }
 
     /// The weight update `s · B·A` (`out × in`), as merged into the base.

@@ -1,6 +1,7 @@
 //! peft-train: optimizers, learning-rate schedules, gradient clipping, metrics, early stopping,
 //! metrics logs for the peft-rs trainer loop.
 
+pub mod bench;
 pub mod clip;
 pub mod early_stop;
 pub mod error;

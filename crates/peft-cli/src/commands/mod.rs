@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod card;
 pub mod eval;
 pub mod inspect;

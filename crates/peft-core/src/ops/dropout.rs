@@ -1,8 +1,13 @@
 //! Inverted dropout with a seeded, shareable random stream, so that runs are reproducible.
+//!
+//! Each call draws one 64-bit seed from the stream and derives the keep-mask from it with a
+//! counter-based generator (splitmix64 of seed and element index), so a mask is a pure function
+//! of (seed, element count) and the CPU and the CUDA kernel (`dropout_mask` in
+//! kernels/peft_ops.cu) draw exactly the same one.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// A seeded random stream shared by every dropout layer of a model.
@@ -20,6 +25,79 @@ impl DropoutRng {
     /// Reseeds the stream (e.g. at the start of each epoch, for exact resume).
     pub fn reseed(&self, seed: u64) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = rand::rngs::StdRng::seed_from_u64(seed);
+    }
+
+    fn next_seed(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).gen()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The scaled keep-mask for element `i`: `1/keep` with probability `keep`, else 0.
+fn mask_value(seed: u64, i: u64, keep: f32) -> f32 {
+    let u = (splitmix64(seed ^ i.wrapping_mul(0xd134_2543_de82_ef95)) >> 40) as f32
+        * (1.0 / 16_777_216.0);
+    if u < keep {
+        1.0 / keep
+    } else {
+        0.0
+    }
+}
+
+/// The dropout mask for `seed` with `shape`, computed where `device` is.
+pub fn dropout_mask(
+    seed: u64,
+    keep: f32,
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    if device.is_cuda() {
+        // The op draws the mask from its input's shape and dtype alone.
+        return Tensor::zeros(shape, dtype, device)?
+            .apply_op1_no_bwd(&DropoutMaskOp { seed, keep });
+    }
+    let n = shape.elem_count();
+    let mask: Vec<f32> = (0..n as u64).map(|i| mask_value(seed, i, keep)).collect();
+    Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)
+}
+
+/// Maps a tensor to a fresh dropout mask of its shape and dtype (its values are not read).
+struct DropoutMaskOp {
+    seed: u64,
+    keep: f32,
+}
+
+impl candle_core::CustomOp1 for DropoutMaskOp {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        let n = l.shape().elem_count() as u64;
+        let mask = (0..n)
+            .map(|i| mask_value(self.seed, i, self.keep))
+            .collect();
+        Ok((candle_core::CpuStorage::F32(mask), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cuda_ops::dropout_mask(s, l, self.seed, self.keep)
     }
 }
 
@@ -41,22 +119,22 @@ impl Dropout {
         self.p
     }
 
+    /// The next scaled keep-mask for a tensor like `x`, or `None` when dropout is off (`!train`
+    /// or `p = 0`).
+    pub fn mask_for(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
+        if !train || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let seed = self.rng.next_seed();
+        dropout_mask(seed, 1.0 - self.p, x.shape(), x.dtype(), x.device()).map(Some)
+    }
+
     /// Applies dropout when `train` is true and `p > 0`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train || self.p <= 0.0 {
-            return Ok(x.clone());
+        match self.mask_for(x, train)? {
+            Some(mask) => x.mul(&mask),
+            None => Ok(x.clone()),
         }
-        let keep = 1.0 - self.p;
-        let scale = 1.0 / keep;
-        let n = x.elem_count();
-        let mask: Vec<f32> = {
-            let mut rng = self.rng.0.lock().unwrap_or_else(|e| e.into_inner());
-            (0..n)
-                .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
-                .collect()
-        };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
     }
 }
 

@@ -54,6 +54,15 @@ impl CustomOp1 for FrozenLinear {
         Ok((out, Shape::from((m, n))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::frozen_linear(x, x_l, &self.weight, self.bias.as_ref())
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -90,8 +99,9 @@ impl ToVecAny for Tensor {
 /// Applies a frozen linear layer to `x` of shape `(..., in)`: no gradient is ever computed for
 /// `weight` (shape `(out, in)`) or `bias` (shape `(out,)`).
 ///
-/// On the CPU this is a custom op; on other devices it falls back to candle's matmul with the
-/// weight detached (correct, but candle still computes the unused weight gradient there).
+/// A custom op on the CPU and on CUDA (cuBLAS plus a bias kernel); on other devices it falls back
+/// to candle's matmul with the weight detached (correct, but candle still computes the unused
+/// weight gradient there).
 pub fn frozen_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -110,7 +120,7 @@ pub fn frozen_linear(
     let x2 = x.reshape((rows, in_features))?.contiguous()?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out_features;
-    let y = if x.device().is_cpu() {
+    let y = if x.device().is_cpu() || x.device().is_cuda() {
         x2.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenLinear {
             weight: weight.detach(),
             bias: bias.map(|b| b.detach()),

@@ -3,7 +3,7 @@
 //! which showed as 12% of a BERT training step; this op evaluates erf with a short polynomial
 //! (max abs error 1.5e-7, Abramowitz & Stegun 7.1.26) over parallel chunks.
 
-use super::contiguous_f32;
+use super::{contiguous_f32, fused_kernels};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -44,6 +44,15 @@ impl CustomOp1 for Gelu {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::gelu_fwd(s, l)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(
             x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
@@ -80,11 +89,23 @@ impl CustomOp2 for GeluBackward {
             });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::gelu_bwd(xs, xl, gs, gl)
+    }
 }
 
-/// Exact GELU; the fused op on f32 CPU tensors, candle's `gelu_erf` elsewhere.
+/// Exact GELU; the fused op on f32 CPU tensors and f32/bf16 CUDA tensors, candle's `gelu_erf`
+/// elsewhere.
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if fused_kernels(x) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu_erf()

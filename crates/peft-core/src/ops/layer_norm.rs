@@ -6,9 +6,14 @@ use super::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
 struct FrozenLayerNorm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+    gamma: Tensor,
+    beta: Tensor,
     eps: f32,
+}
+
+/// The f32 values of a small frozen vector (gamma or beta) for the CPU loops.
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?.to_vec1()
 }
 
 /// Mean and reciprocal standard deviation of one row.
@@ -26,15 +31,25 @@ impl CustomOp1 for FrozenLayerNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let h = self.gamma.len();
+        let (gamma, beta) = (host_f32(&self.gamma)?, host_f32(&self.beta)?);
+        let h = gamma.len();
         let mut out = vec![0f32; x.len()];
         for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
             let (mean, rstd) = row_stats(row, self.eps);
             for i in 0..h {
-                o[i] = (row[i] - mean) * rstd * self.gamma[i] + self.beta[i];
+                o[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
             }
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::layer_norm_fwd(s, l, &self.gamma, &self.beta, self.eps)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -51,7 +66,7 @@ impl CustomOp1 for FrozenLayerNorm {
 
 /// `dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂))` with `g' = dy·γ`.
 struct FrozenLayerNormBackward {
-    gamma: Vec<f32>,
+    gamma: Tensor,
     eps: f32,
 }
 
@@ -69,7 +84,8 @@ impl CustomOp2 for FrozenLayerNormBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(xs, xl, self.name())?;
         let g = contiguous_f32(gs, gl, self.name())?;
-        let h = self.gamma.len();
+        let gamma = host_f32(&self.gamma)?;
+        let h = gamma.len();
         let mut dx = vec![0f32; x.len()];
         let mut gg = vec![0f32; h];
         for ((row, grow), drow) in x
@@ -80,7 +96,7 @@ impl CustomOp2 for FrozenLayerNormBackward {
             let (mean, rstd) = row_stats(row, self.eps);
             let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
             for i in 0..h {
-                gg[i] = grow[i] * self.gamma[i];
+                gg[i] = grow[i] * gamma[i];
                 sum_gg += gg[i];
                 sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
             }
@@ -91,6 +107,17 @@ impl CustomOp2 for FrozenLayerNormBackward {
             }
         }
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::layer_norm_bwd(xs, xl, gs, gl, &self.gamma, self.eps)
     }
 }
 
@@ -114,11 +141,14 @@ fn layer_norm_composite(
     let normed = centered
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .to_dtype(dtype)?;
-    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+    normed
+        .broadcast_mul(&gamma.to_dtype(dtype)?)?
+        .broadcast_add(&beta.to_dtype(dtype)?)
 }
 
 /// LayerNorm over the last dimension. When neither `gamma` nor `beta` is trainable and the input
-/// is f32 on the CPU, a fused op runs that computes no gradient for them.
+/// is f32 on the CPU, or f32/bf16 on CUDA, a fused op runs that computes no gradient for them
+/// (statistics in f32 whatever the input dtype).
 pub fn layer_norm(
     x: &Tensor,
     gamma: &Tensor,
@@ -126,10 +156,10 @@ pub fn layer_norm(
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     let frozen = !gamma.is_variable() && !beta.is_variable();
-    if frozen && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if frozen && super::fused_kernels(x) {
         let op = FrozenLayerNorm {
-            gamma: gamma.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-            beta: beta.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            gamma: gamma.to_dtype(x.dtype())?.contiguous()?.detach(),
+            beta: beta.to_dtype(x.dtype())?.contiguous()?.detach(),
             eps: eps as f32,
         };
         x.contiguous()?.apply_op1(op)

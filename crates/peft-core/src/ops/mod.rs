@@ -1,15 +1,21 @@
 //! Custom ops whose backward computes no gradient for frozen operands, with CPU fast paths.
 
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod dropout;
 mod frozen_linear;
 mod gelu;
 mod layer_norm;
+mod lora_linear;
+mod multi_lora;
 mod softmax;
 
-pub use dropout::{Dropout, DropoutRng};
+pub use dropout::{dropout_mask, Dropout, DropoutRng};
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use lora_linear::{lora_linear, lora_linear_reference, LoraBranch};
+pub use multi_lora::{multi_lora_linear, multi_lora_linear_reference, LoraStack, NO_ADAPTER};
 pub use softmax::masked_softmax;
 
 /// The f32 values of a contiguous CPU tensor, or an error naming `op`.
@@ -24,5 +30,14 @@ fn contiguous_f32<'a>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Whether the fused kernels handle `x`: f32 on the CPU, f32 or bf16 on CUDA.
+fn fused_kernels(x: &candle_core::Tensor) -> bool {
+    match x.dtype() {
+        candle_core::DType::F32 => x.device().is_cpu() || x.device().is_cuda(),
+        candle_core::DType::BF16 => x.device().is_cuda(),
+        _ => false,
     }
 }

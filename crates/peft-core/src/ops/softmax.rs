@@ -1,12 +1,13 @@
 //! Softmax over the last dimension with an optional frozen additive mask, as attention needs it.
-//! The mask lives inside the op, so autograd computes no gradient buffer for it.
+//! The mask lives inside the op, so autograd computes no gradient buffer for it; the backward is
+//! one fused op as well.
 
-use super::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+use super::{contiguous_f32, fused_kernels};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 struct MaskedSoftmax {
-    /// Additive mask of shape `(batch, keys)`, broadcast over heads and queries.
-    mask: Option<Vec<f32>>,
+    /// Additive f32 mask of shape `(batch, keys)`, contiguous, broadcast over heads and queries.
+    mask: Option<Tensor>,
     /// Rows of scores per batch element (heads × queries).
     rows_per_batch: usize,
 }
@@ -19,13 +20,21 @@ impl CustomOp1 for MaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let keys = l.dims()[l.dims().len() - 1];
+        let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &guard {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(c) => Some(contiguous_f32(c, layout, self.name())?),
+                _ => candle_core::bail!("masked-softmax: the mask is not on the CPU"),
+            },
+            None => None,
+        };
         let mut out = vec![0f32; x.len()];
         for (r, (row, o)) in x
             .chunks_exact(keys)
             .zip(out.chunks_exact_mut(keys))
             .enumerate()
         {
-            match &self.mask {
+            match mask {
                 Some(mask) => {
                     let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
                     for i in 0..keys {
@@ -46,9 +55,63 @@ impl CustomOp1 for MaskedSoftmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::masked_softmax(s, l, self.mask.as_ref(), self.rows_per_batch)
+    }
+
     fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dot = (grad * p)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * p)?))
+        Ok(Some(
+            p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+/// `dx = p ⊙ (g − Σ g⊙p)` over the last dimension.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = contiguous_f32(ps, pl, self.name())?;
+        let g = contiguous_f32(gs, gl, self.name())?;
+        let keys = pl.dims()[pl.dims().len() - 1];
+        let mut dx = vec![0f32; p.len()];
+        for ((p, g), d) in p
+            .chunks_exact(keys)
+            .zip(g.chunks_exact(keys))
+            .zip(dx.chunks_exact_mut(keys))
+        {
+            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+            for i in 0..keys {
+                d[i] = p[i] * (g[i] - dot);
+            }
+        }
+        Ok((CpuStorage::F32(dx), pl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_ops::softmax_bwd(ps, pl, gs, gl)
     }
 }
 
@@ -57,23 +120,19 @@ impl CustomOp1 for MaskedSoftmax {
 /// and a large negative value for masked ones. The mask receives no gradient.
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (batch, heads, queries, keys) = scores.dims4()?;
-    if scores.device().is_cpu() && scores.dtype() == candle_core::DType::F32 {
+    if fused_kernels(scores) {
         let mask = match mask {
-            Some(m) => Some(
-                m.to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?,
-            ),
+            Some(m) => {
+                if m.elem_count() != batch * keys {
+                    candle_core::bail!(
+                        "masked-softmax: mask has shape {:?}, expected {batch}×{keys}",
+                        m.shape()
+                    )
+                }
+                Some(m.to_dtype(candle_core::DType::F32)?.contiguous()?.detach())
+            }
             None => None,
         };
-        if let Some(m) = &mask {
-            if m.len() != batch * keys {
-                candle_core::bail!(
-                    "masked-softmax: mask has {} values, expected {batch}×{keys}",
-                    m.len()
-                )
-            }
-        }
         scores.contiguous()?.apply_op1(MaskedSoftmax {
             mask,
             rows_per_batch: heads * queries,
@@ -99,8 +158,10 @@ mod tests {
         let mask = Tensor::new(&[[0f32, 0., 0., -1e4, -1e4], [0., 0., 0., 0., 0.]], &dev)?;
         let w = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
         let ours = masked_softmax(s.as_tensor(), Some(&mask))?;
-        let reference =
-            candle_nn::ops::softmax(&s.broadcast_add(&mask.reshape((2, 1, 1, 5))?)?, D::Minus1)?;
+        let reference = candle_nn::ops::softmax(
+            &s.broadcast_add(&mask.reshape((2, 1, 1, 5))?)?,
+            candle_core::D::Minus1,
+        )?;
         let diff = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "forward differs by {diff}");
         let g1 = (ours * &w)?.sum_all()?.backward()?;

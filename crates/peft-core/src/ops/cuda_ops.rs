@@ -1,0 +1,580 @@
+//! CUDA forward passes of the custom ops in this module: each function here is the `cuda_fwd` of
+//! one op, computing what that op's `cpu_fwd` computes (the CPU reference), in f32 or bf16.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+use crate::cuda::{alloc, elementwise_cfg, gemm, launch, rows_cfg, storage, view, Elem, Op};
+
+/// The contiguous device elements of a tensor held by a storage guard.
+fn tensor_view<'a, T: Elem>(s: &'a Storage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    match s {
+        Storage::Cuda(c) => view::<T>(c, l, op),
+        _ => candle_core::bail!("{op}: an operand is not on the CUDA device"),
+    }
+}
+
+/// Calls `$f::<T>(..)` for the storage's dtype (f32 or bf16).
+macro_rules! dispatch {
+    ($dtype:expr, $op:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            d => candle_core::bail!("{}: CUDA kernels support f32 and bf16, got {d:?}", $op),
+        }
+    };
+}
+
+/// `y (m×n) = x·Wᵀ (+ b)` into a fresh buffer.
+fn linear_into<T: Elem>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (m, n, k): (usize, usize, usize),
+    op: &str,
+) -> Result<CudaSlice<T>>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+{
+    let (ws, wl) = weight.storage_and_layout();
+    let w = tensor_view::<T>(&ws, wl, op)?;
+    let mut y = alloc::<T>(dev, m * n)?;
+    gemm::<T, _, _, _>(dev, (m, n, k), 1.0, x, Op::N, &w, Op::T, 0.0, &mut y)?;
+    if let Some(bias) = bias {
+        let (bs, bl) = bias.storage_and_layout();
+        let b = tensor_view::<T>(&bs, bl, op)?;
+        let (total, cols) = ((m * n) as i64, n as i32);
+        launch!(
+            dev,
+            T,
+            "add_bias_rows",
+            elementwise_cfg(m * n),
+            &mut y,
+            &b,
+            &total,
+            &cols
+        )?;
+    }
+    Ok(y)
+}
+
+fn frozen_linear_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+{
+    let (m, k) = xl.shape().dims2()?;
+    let n = weight.dims()[0];
+    let dev = x.device();
+    let xv = view::<T>(x, xl, "frozen-linear")?;
+    let y = linear_into::<T>(dev, &xv, weight, bias, (m, n, k), "frozen-linear")?;
+    Ok((storage(y, dev), Shape::from((m, n))))
+}
+
+/// `x·Wᵀ + b` (frozen-linear).
+pub(crate) fn frozen_linear(
+    x: &CudaStorage,
+    xl: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "frozen-linear",
+        frozen_linear_t(x, xl, weight, bias)
+    )
+}
+
+/// The operands of the fused LoRA linear besides its three inputs.
+pub(crate) struct LoraFrozen<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub mask: Option<&'a Tensor>,
+    pub scale: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lora_linear_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    a: &CudaStorage,
+    al: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    fz: &LoraFrozen<'_>,
+) -> Result<(CudaStorage, Shape)>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+{
+    const OP: &str = "lora-linear";
+    let (m, k) = xl.shape().dims2()?;
+    let (r, _) = al.shape().dims2()?;
+    let n = fz.weight.dims()[0];
+    let dev = x.device();
+    let xv = view::<T>(x, xl, OP)?;
+    let av = view::<T>(a, al, OP)?;
+    let bv = view::<T>(b, bl, OP)?;
+    let mut y = linear_into::<T>(dev, &xv, fz.weight, fz.bias, (m, n, k), OP)?;
+    // u = (x ⊙ mask)·Aᵀ, the only adapter intermediate (m × r).
+    let mut u = alloc::<T>(dev, m * r)?;
+    match fz.mask {
+        Some(mask) => {
+            let (ms, ml) = mask.storage_and_layout();
+            let mv = tensor_view::<T>(&ms, ml, OP)?;
+            let mut xd = alloc::<T>(dev, m * k)?;
+            let total = (m * k) as i64;
+            launch!(
+                dev,
+                T,
+                "mul",
+                elementwise_cfg(m * k),
+                &mut xd,
+                &xv,
+                &mv,
+                &total
+            )?;
+            gemm::<T, _, _, _>(dev, (m, r, k), 1.0, &xd, Op::N, &av, Op::T, 0.0, &mut u)?;
+        }
+        None => gemm::<T, _, _, _>(dev, (m, r, k), 1.0, &xv, Op::N, &av, Op::T, 0.0, &mut u)?,
+    }
+    // y += s · u·Bᵀ, accumulated by the GEMM itself (beta = 1).
+    gemm::<T, _, _, _>(dev, (m, n, r), fz.scale, &u, Op::N, &bv, Op::T, 1.0, &mut y)?;
+    Ok((storage(y, dev), Shape::from((m, n))))
+}
+
+/// `x·Wᵀ + b + s·((x ⊙ mask)·Aᵀ)·Bᵀ` (lora-linear).
+pub(crate) fn lora_linear(
+    x: &CudaStorage,
+    xl: &Layout,
+    a: &CudaStorage,
+    al: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    fz: &LoraFrozen<'_>,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "lora-linear",
+        lora_linear_t(x, xl, a, al, b, bl, fz)
+    )
+}
+
+fn lora_input_grad_t<T: Elem>(
+    g: &CudaStorage,
+    gl: &Layout,
+    du: &CudaStorage,
+    dul: &Layout,
+    weight: &Tensor,
+    a: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+{
+    const OP: &str = "lora-linear-backward";
+    let (m, n) = gl.shape().dims2()?;
+    let (r, k) = a.dims2()?;
+    let dev = g.device();
+    let gv = view::<T>(g, gl, OP)?;
+    let duv = view::<T>(du, dul, OP)?;
+    let (ws, wl) = weight.storage_and_layout();
+    let wv = tensor_view::<T>(&ws, wl, OP)?;
+    let (as_, al) = a.storage_and_layout();
+    let av = tensor_view::<T>(&as_, al, OP)?;
+    let mut dx = alloc::<T>(dev, m * k)?;
+    gemm::<T, _, _, _>(dev, (m, k, n), 1.0, &gv, Op::N, &wv, Op::N, 0.0, &mut dx)?;
+    match mask {
+        None => gemm::<T, _, _, _>(dev, (m, k, r), 1.0, &duv, Op::N, &av, Op::N, 1.0, &mut dx)?,
+        Some(mask) => {
+            let (ms, ml) = mask.storage_and_layout();
+            let mv = tensor_view::<T>(&ms, ml, OP)?;
+            let mut t = alloc::<T>(dev, m * k)?;
+            gemm::<T, _, _, _>(dev, (m, k, r), 1.0, &duv, Op::N, &av, Op::N, 0.0, &mut t)?;
+            let total = (m * k) as i64;
+            launch!(
+                dev,
+                T,
+                "add_mul",
+                elementwise_cfg(m * k),
+                &mut dx,
+                &t,
+                &mv,
+                &total
+            )?;
+        }
+    }
+    Ok((storage(dx, dev), Shape::from((m, k))))
+}
+
+/// `dx = g·W + (du·A) ⊙ mask` (the input gradient of lora-linear).
+pub(crate) fn lora_input_grad(
+    g: &CudaStorage,
+    gl: &Layout,
+    du: &CudaStorage,
+    dul: &Layout,
+    weight: &Tensor,
+    a: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        g.dtype(),
+        "lora-linear-backward",
+        lora_input_grad_t(g, gl, du, dul, weight, a, mask)
+    )
+}
+
+fn unary_t<T: Elem>(name: &str, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let xv = view::<T>(x, xl, name)?;
+    let n = xl.shape().elem_count();
+    let mut y = alloc::<T>(dev, n)?;
+    let total = n as i64;
+    launch!(dev, T, name, elementwise_cfg(n), &xv, &mut y, &total)?;
+    Ok((storage(y, dev), xl.shape().clone()))
+}
+
+/// Exact GELU.
+pub(crate) fn gelu_fwd(x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    dispatch!(x.dtype(), "gelu", unary_t("gelu_fwd", x, xl))
+}
+
+fn binary_t<T: Elem>(
+    name: &str,
+    x: &CudaStorage,
+    xl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let xv = view::<T>(x, xl, name)?;
+    let gv = view::<T>(g, gl, name)?;
+    let n = xl.shape().elem_count();
+    let mut y = alloc::<T>(dev, n)?;
+    let total = n as i64;
+    launch!(dev, T, name, elementwise_cfg(n), &xv, &gv, &mut y, &total)?;
+    Ok((storage(y, dev), xl.shape().clone()))
+}
+
+/// `dy · GELU'(x)`.
+pub(crate) fn gelu_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "gelu-backward",
+        binary_t("gelu_bwd", x, xl, g, gl)
+    )
+}
+
+fn layer_norm_fwd_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "frozen-layer-norm";
+    let dev = x.device();
+    let h = gamma.elem_count();
+    let rows = xl.shape().elem_count() / h;
+    let xv = view::<T>(x, xl, OP)?;
+    let (gs, gl) = gamma.storage_and_layout();
+    let gv = tensor_view::<T>(&gs, gl, OP)?;
+    let (bs, bl) = beta.storage_and_layout();
+    let bv = tensor_view::<T>(&bs, bl, OP)?;
+    let mut y = alloc::<T>(dev, rows * h)?;
+    let hh = h as i32;
+    launch!(
+        dev,
+        T,
+        "layer_norm_fwd",
+        rows_cfg(rows, h),
+        &xv,
+        &gv,
+        &bv,
+        &mut y,
+        &hh,
+        &eps
+    )?;
+    Ok((storage(y, dev), xl.shape().clone()))
+}
+
+/// LayerNorm with a frozen affine.
+pub(crate) fn layer_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "frozen-layer-norm",
+        layer_norm_fwd_t(x, xl, gamma, beta, eps)
+    )
+}
+
+fn layer_norm_bwd_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    gamma: &Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "frozen-layer-norm-backward";
+    let dev = x.device();
+    let h = gamma.elem_count();
+    let rows = xl.shape().elem_count() / h;
+    let xv = view::<T>(x, xl, OP)?;
+    let gv = view::<T>(g, gl, OP)?;
+    let (gs, gml) = gamma.storage_and_layout();
+    let gamv = tensor_view::<T>(&gs, gml, OP)?;
+    let mut dx = alloc::<T>(dev, rows * h)?;
+    let hh = h as i32;
+    launch!(
+        dev,
+        T,
+        "layer_norm_bwd",
+        rows_cfg(rows, h),
+        &xv,
+        &gv,
+        &gamv,
+        &mut dx,
+        &hh,
+        &eps
+    )?;
+    Ok((storage(dx, dev), xl.shape().clone()))
+}
+
+/// The input gradient of LayerNorm with a frozen affine.
+pub(crate) fn layer_norm_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    gamma: &Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "frozen-layer-norm-backward",
+        layer_norm_bwd_t(x, xl, g, gl, gamma, eps)
+    )
+}
+
+fn masked_softmax_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    mask: Option<&Tensor>,
+    rows_per_batch: usize,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "masked-softmax";
+    let dev = x.device();
+    let keys = *xl.dims().last().unwrap_or(&1);
+    let rows = xl.shape().elem_count() / keys.max(1);
+    let xv = view::<T>(x, xl, OP)?;
+    let mut y = alloc::<T>(dev, rows * keys)?;
+    let (kk, rpb) = (keys as i32, rows_per_batch as i32);
+    let cfg = rows_cfg(rows, keys);
+    match mask {
+        Some(mask) => {
+            let (ms, ml) = mask.storage_and_layout();
+            let mv = tensor_view::<f32>(&ms, ml, OP)?;
+            launch!(dev, T, "masked_softmax", cfg, &xv, &mv, &mut y, &kk, &rpb)?;
+        }
+        None => {
+            let null: u64 = 0;
+            launch!(dev, T, "masked_softmax", cfg, &xv, &null, &mut y, &kk, &rpb)?;
+        }
+    }
+    Ok((storage(y, dev), xl.shape().clone()))
+}
+
+/// `softmax(x + mask)` over the last dimension; the mask (f32, batch × keys) may be absent.
+pub(crate) fn masked_softmax(
+    x: &CudaStorage,
+    xl: &Layout,
+    mask: Option<&Tensor>,
+    rows_per_batch: usize,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "masked-softmax",
+        masked_softmax_t(x, xl, mask, rows_per_batch)
+    )
+}
+
+fn softmax_bwd_t<T: Elem>(
+    p: &CudaStorage,
+    pl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "softmax-backward";
+    let dev = p.device();
+    let keys = *pl.dims().last().unwrap_or(&1);
+    let rows = pl.shape().elem_count() / keys.max(1);
+    let pv = view::<T>(p, pl, OP)?;
+    let gv = view::<T>(g, gl, OP)?;
+    let mut dx = alloc::<T>(dev, rows * keys)?;
+    let kk = keys as i32;
+    launch!(
+        dev,
+        T,
+        "softmax_bwd",
+        rows_cfg(rows, keys),
+        &pv,
+        &gv,
+        &mut dx,
+        &kk
+    )?;
+    Ok((storage(dx, dev), pl.shape().clone()))
+}
+
+/// `p ⊙ (g − Σ g⊙p)` over the last dimension.
+pub(crate) fn softmax_bwd(
+    p: &CudaStorage,
+    pl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(p.dtype(), "softmax-backward", softmax_bwd_t(p, pl, g, gl))
+}
+
+fn dropout_mask_t<T: Elem>(
+    dev: &CudaDevice,
+    seed: u64,
+    keep: f32,
+    shape: &Shape,
+) -> Result<(CudaStorage, Shape)> {
+    let n = shape.elem_count();
+    let mut m = alloc::<T>(dev, n)?;
+    let total = n as i64;
+    launch!(
+        dev,
+        T,
+        "dropout_mask",
+        elementwise_cfg(n),
+        &mut m,
+        &total,
+        &seed,
+        &keep
+    )?;
+    Ok((storage(m, dev), shape.clone()))
+}
+
+/// The scaled dropout keep-mask shaped like `like`, drawn on the device (the CPU's values).
+pub(crate) fn dropout_mask(
+    like: &CudaStorage,
+    like_l: &Layout,
+    seed: u64,
+    keep: f32,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        like.dtype(),
+        "dropout",
+        dropout_mask_t(like.device(), seed, keep, like_l.shape())
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn multi_lora_linear_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    idx: &CudaStorage,
+    il: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stack: &super::multi_lora::LoraStack,
+) -> Result<(CudaStorage, Shape)>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+{
+    const OP: &str = "multi-lora-linear";
+    let (m, k) = xl.shape().dims2()?;
+    let (adapters, r, _) = stack.a.dims3()?;
+    let n = weight.dims()[0];
+    let dev = x.device();
+    let xv = view::<T>(x, xl, OP)?;
+    let iv = view::<u32>(idx, il, OP)?;
+    let mut y = linear_into::<T>(dev, &xv, weight, bias, (m, n, k), OP)?;
+    let (as_, al) = stack.a.storage_and_layout();
+    let av = tensor_view::<T>(&as_, al, OP)?;
+    let (bs, bl) = stack.b.storage_and_layout();
+    let bv = tensor_view::<T>(&bs, bl, OP)?;
+    let (ss, sl) = stack.scales.storage_and_layout();
+    let sv = tensor_view::<f32>(&ss, sl, OP)?;
+    let mut u = alloc::<f32>(dev, m * r)?;
+    let (kk, rr, nn, na) = (k as i32, r as i32, n as i32, adapters as i32);
+    let shrink = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (32 * r.clamp(1, 8) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        dev,
+        T,
+        "bgmv_shrink",
+        shrink,
+        &xv,
+        &av,
+        &iv,
+        &mut u,
+        &kk,
+        &rr,
+        &na
+    )?;
+    let expand = LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, m as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        dev,
+        T,
+        "bgmv_expand",
+        expand,
+        &u,
+        &bv,
+        &sv,
+        &iv,
+        &mut y,
+        &nn,
+        &rr,
+        &na
+    )?;
+    Ok((storage(y, dev), Shape::from((m, n))))
+}
+
+/// Base linear plus each row's own adapter from the stack (BGMV).
+pub(crate) fn multi_lora_linear(
+    x: &CudaStorage,
+    xl: &Layout,
+    idx: &CudaStorage,
+    il: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stack: &super::multi_lora::LoraStack,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(
+        x.dtype(),
+        "multi-lora-linear",
+        multi_lora_linear_t(x, xl, idx, il, weight, bias, stack)
+    )
+}
