@@ -70,6 +70,19 @@ __device__ void dropout_mask(T *mask, int64_t n, uint64_t seed, float keep) {
   }
 }
 
+// y = x ⊙ mask(seed) with the mask above computed on the fly: dropout's forward, and (applied to
+// the output gradient with the same seed) its backward. No mask tensor is ever stored.
+template <typename T>
+__device__ void dropout_apply(const T *x, T *y, int64_t n, uint64_t seed, float keep) {
+  const float scale = 1.f / keep;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float u = (float)(splitmix64(seed ^ (uint64_t)i * 0xd1342543de82ef95ULL) >> 40) *
+                    (1.f / 16777216.f);
+    y[i] = from_f<T>(u < keep ? to_f(x[i]) * scale : 0.f);
+  }
+}
+
 // out[i] = a[i] * m[i] (out may alias a)
 template <typename T>
 __device__ void mul(T *out, const T *a, const T *m, int64_t n) {
@@ -156,10 +169,11 @@ __device__ void layer_norm_bwd(const T *x, const T *g, const T *gamma, T *dx, in
   }
 }
 
-// softmax(x + mask) over rows of `keys`; mask (f32, batch × keys) broadcast over the
+// softmax(scale·x + mask) over rows of `keys`; mask (f32, batch × keys) broadcast over the
 // `rows_per_batch` rows (heads × queries) of each batch element; null for none.
 template <typename T>
-__device__ void masked_softmax(const T *x, const float *mask, T *y, int keys, int rows_per_batch) {
+__device__ void masked_softmax(const T *x, const float *mask, T *y, int keys, int rows_per_batch,
+                               float scale) {
   __shared__ float shared[32];
   const int64_t row = blockIdx.x;
   const T *xr = x + row * keys;
@@ -167,26 +181,26 @@ __device__ void masked_softmax(const T *x, const float *mask, T *y, int keys, in
   const float *mr = mask ? mask + (row / rows_per_batch) * keys : nullptr;
   float m = -INFINITY;
   for (int i = threadIdx.x; i < keys; i += blockDim.x)
-    m = fmaxf(m, to_f(xr[i]) + (mr ? mr[i] : 0.f));
+    m = fmaxf(m, scale * to_f(xr[i]) + (mr ? mr[i] : 0.f));
   m = block_max(m, shared);
   float s = 0.f;
   for (int i = threadIdx.x; i < keys; i += blockDim.x)
-    s += __expf(to_f(xr[i]) + (mr ? mr[i] : 0.f) - m);
+    s += __expf(scale * to_f(xr[i]) + (mr ? mr[i] : 0.f) - m);
   const float inv = 1.f / block_sum(s, shared);
   for (int i = threadIdx.x; i < keys; i += blockDim.x)
-    yr[i] = from_f<T>(__expf(to_f(xr[i]) + (mr ? mr[i] : 0.f) - m) * inv);
+    yr[i] = from_f<T>(__expf(scale * to_f(xr[i]) + (mr ? mr[i] : 0.f) - m) * inv);
 }
 
-// dx = p ⊙ (g − Σ g⊙p)
+// dx = scale · p ⊙ (g − Σ g⊙p)
 template <typename T>
-__device__ void softmax_bwd(const T *p, const T *g, T *dx, int keys) {
+__device__ void softmax_bwd(const T *p, const T *g, T *dx, int keys, float scale) {
   __shared__ float shared[32];
   const int64_t off = (int64_t)blockIdx.x * keys;
   float s = 0.f;
   for (int i = threadIdx.x; i < keys; i += blockDim.x) s += to_f(g[off + i]) * to_f(p[off + i]);
   const float dot = block_sum(s, shared);
   for (int i = threadIdx.x; i < keys; i += blockDim.x)
-    dx[off + i] = from_f<T>(to_f(p[off + i]) * (to_f(g[off + i]) - dot));
+    dx[off + i] = from_f<T>(scale * to_f(p[off + i]) * (to_f(g[off + i]) - dot));
 }
 
 // ------------------------------------------------------------------- multi-adapter LoRA (BGMV)
@@ -226,6 +240,35 @@ __device__ void bgmv_expand(const float *u, const T *b, const float *scale, cons
   *yp = from_f<T>(to_f(*yp) + scale[ad] * s);
 }
 
+// ------------------------------------------------------------------------------------ AdamW
+// The three in-place passes of torch.optim.AdamW's single-tensor update (f32), as the CPU's
+// crates/peft-train/src/optim/kernels.rs: m.lerp_(g, w); v = v·b2 + (1−b2)·g²;
+// p = p·decay − step·m / (sqrt(v)/bc2 + eps). `gscale` multiplies g first (1: none).
+extern "C" __global__ void adamw_m_f32(float *m, const float *g, int64_t n, float w, float gscale) {
+  const bool small = w < 0.5f;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float gc = g[i] * gscale, mc = m[i];
+    m[i] = small ? mc + w * (gc - mc) : gc - (gc - mc) * (1.f - w);
+  }
+}
+extern "C" __global__ void adamw_v_f32(float *v, const float *g, int64_t n, float b2, float omb2,
+                                       float gscale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float gc = g[i] * gscale;
+    v[i] = v[i] * b2 + omb2 * gc * gc;
+  }
+}
+extern "C" __global__ void adamw_p_f32(float *p, const float *m, const float *v, int64_t n,
+                                       float decay, float bc2s, float eps, float nss) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float denom = sqrtf(v[i]) / bc2s + eps;
+    p[i] = p[i] * decay + nss * m[i] / denom;
+  }
+}
+
 // ------------------------------------------------------------------------------ entry points
 #define ENTRY(T, SFX)                                                                           \
   extern "C" __global__ void add_bias_rows_##SFX(T *y, const T *b, int64_t n, int cols) {     \
@@ -255,11 +298,16 @@ __device__ void bgmv_expand(const float *u, const T *b, const float *scale, cons
     layer_norm_bwd<T>(x, g, ga, dx, h, eps);                                                    \
   }                                                                                             \
   extern "C" __global__ void masked_softmax_##SFX(const T *x, const float *mask, T *y,        \
-                                                  int keys, int rows_per_batch) {               \
-    masked_softmax<T>(x, mask, y, keys, rows_per_batch);                                        \
+                                                  int keys, int rows_per_batch, float scale) {  \
+    masked_softmax<T>(x, mask, y, keys, rows_per_batch, scale);                                 \
   }                                                                                             \
-  extern "C" __global__ void softmax_bwd_##SFX(const T *p, const T *g, T *dx, int keys) {     \
-    softmax_bwd<T>(p, g, dx, keys);                                                             \
+  extern "C" __global__ void softmax_bwd_##SFX(const T *p, const T *g, T *dx, int keys,       \
+                                               float scale) {                                   \
+    softmax_bwd<T>(p, g, dx, keys, scale);                                                      \
+  }                                                                                             \
+  extern "C" __global__ void dropout_apply_##SFX(const T *x, T *y, int64_t n, uint64_t seed,  \
+                                                 float keep) {                                  \
+    dropout_apply<T>(x, y, n, seed, keep);                                                      \
   }                                                                                             \
   extern "C" __global__ void bgmv_shrink_##SFX(const T *x, const T *a, const int32_t *idx,    \
                                                float *u, int k, int r, int adapters) {          \

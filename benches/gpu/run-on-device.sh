@@ -45,7 +45,7 @@ step kernels 120 "$BIN" bench --suite kernels --device cuda:0 --steps "$STEPS" -
   --out "$OUT/kernels.json"
 [ "${1:-}" = quick ] && exit 0
 step rust 180 "$BIN" bench --suite train,infer --model bert-base --device cuda:0 --dtype bf16 \
-  --batch 32 --seqs 128,512 --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/rust.json"
+  --batch 32 --seqs 128,512 --steps "$STEPS" --warmup "$WARMUP" --phases --out "$OUT/rust.json"
 step python 180 "$PY" benches/compare/peft_gpu_bench.py --device cuda --dtype bf16 --batch 32 \
   --seqs 128,512 --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/python.json"
 echo "== done $(date -u +%FT%TZ)"

@@ -102,6 +102,9 @@ enum Command {
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also time forward, backward and optimizer apart in training cases.
+        #[arg(long)]
+        phases: bool,
     },
     /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
     Merge {
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
             steps,
             warmup,
             out,
+            phases,
         } => commands::bench::run(&commands::bench::BenchArgs {
             suites: &suite,
             model: &model,
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
             steps,
             warmup,
             out: out.as_deref(),
+            phases,
         }),
         Command::Merge { adapter, out, base } => {
             commands::merge::run(&adapter, &out, base.as_deref())

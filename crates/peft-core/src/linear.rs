@@ -89,8 +89,18 @@ impl TunableLinear {
     /// Applies the layer to `x` of shape `(..., in)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let state = self.state();
-        let (w, bias) = (&state.weight, self.bias.as_ref());
-        let trainable_base = w.is_variable() || bias.is_some_and(|b| b.is_variable());
+        // At evaluation every parameter is used detached, so that no autograd graph (and no
+        // activation it would keep alive) is built for trainable weights.
+        let (w, bias) = if train {
+            (state.weight.clone(), self.bias.clone())
+        } else {
+            (
+                state.weight.detach(),
+                self.bias.as_ref().map(Tensor::detach),
+            )
+        };
+        let (w, bias) = (&w, bias.as_ref());
+        let trainable_base = train && (w.is_variable() || bias.is_some_and(|b| b.is_variable()));
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
@@ -98,9 +108,14 @@ impl TunableLinear {
         let y = match (lora, trainable_base) {
             (Some(lora), false) => {
                 let mask = lora.dropout_mask(&x2, train)?;
+                let (a, b) = if train {
+                    (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+                } else {
+                    (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+                };
                 let branch = LoraBranch {
-                    a: lora.a.as_tensor(),
-                    b: lora.b.as_tensor(),
+                    a: &a,
+                    b: &b,
                     scale: lora.scaling,
                     mask: mask.as_ref(),
                 };

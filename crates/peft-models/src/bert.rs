@@ -180,11 +180,11 @@ impl Layer {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (bsz, seq, hidden) = x.dims3()?;
         let head_dim = hidden / self.heads;
-        let q =
-            (self.split_heads(&self.query.forward(x, train)?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let q = self.split_heads(&self.query.forward(x, train)?)?;
         let k = self.split_heads(&self.key.forward(x, train)?)?;
         let v = self.split_heads(&self.value.forward(x, train)?)?;
-        let probs = masked_softmax(&q.matmul(&k.t()?)?, mask)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
         let probs = self.attn_dropout.forward(&probs, train)?;
         let ctx = probs
             .matmul(&v)?

@@ -23,6 +23,7 @@ pub struct BenchArgs<'a> {
     pub steps: usize,
     pub warmup: usize,
     pub out: Option<&'a Path>,
+    pub phases: bool,
 }
 
 /// The LoRA linear shapes of issue 5 and ../shared/cuda/NOTES.md: (tokens, in, out, r).
@@ -37,6 +38,12 @@ const GPU_LINEAR_SHAPES: [[usize; 4]; 5] = [
 const CPU_LINEAR_SHAPES: [[usize; 4]; 2] = [[2048, 384, 384, 8], [2048, 768, 768, 8]];
 
 fn print_case(c: &CaseResult) {
+    if let Some([f, b, o]) = c.phases_ms {
+        println!(
+            "{:<40} phases: forward {f:.3} ms, backward {b:.3} ms, optimizer {o:.3} ms",
+            c.name
+        );
+    }
     match &c.error {
         Some(e) => println!("{:<40} error: {e}", c.name),
         None => println!(
@@ -65,6 +72,7 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         batch: args.batch,
         steps: args.steps,
         warmup: args.warmup,
+        phases: args.phases,
     };
     let seqs: Vec<usize> = args
         .seqs

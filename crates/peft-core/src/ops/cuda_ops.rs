@@ -382,6 +382,7 @@ fn masked_softmax_t<T: Elem>(
     xl: &Layout,
     mask: Option<&Tensor>,
     rows_per_batch: usize,
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "masked-softmax";
     let dev = x.device();
@@ -395,27 +396,50 @@ fn masked_softmax_t<T: Elem>(
         Some(mask) => {
             let (ms, ml) = mask.storage_and_layout();
             let mv = tensor_view::<f32>(&ms, ml, OP)?;
-            launch!(dev, T, "masked_softmax", cfg, &xv, &mv, &mut y, &kk, &rpb)?;
+            launch!(
+                dev,
+                T,
+                "masked_softmax",
+                cfg,
+                &xv,
+                &mv,
+                &mut y,
+                &kk,
+                &rpb,
+                &scale
+            )?;
         }
         None => {
             let null: u64 = 0;
-            launch!(dev, T, "masked_softmax", cfg, &xv, &null, &mut y, &kk, &rpb)?;
+            launch!(
+                dev,
+                T,
+                "masked_softmax",
+                cfg,
+                &xv,
+                &null,
+                &mut y,
+                &kk,
+                &rpb,
+                &scale
+            )?;
         }
     }
     Ok((storage(y, dev), xl.shape().clone()))
 }
 
-/// `softmax(x + mask)` over the last dimension; the mask (f32, batch × keys) may be absent.
+/// `softmax(scale·x + mask)` over the last dimension; the mask (f32, batch × keys) may be absent.
 pub(crate) fn masked_softmax(
     x: &CudaStorage,
     xl: &Layout,
     mask: Option<&Tensor>,
     rows_per_batch: usize,
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     dispatch!(
         x.dtype(),
         "masked-softmax",
-        masked_softmax_t(x, xl, mask, rows_per_batch)
+        masked_softmax_t(x, xl, mask, rows_per_batch, scale)
     )
 }
 
@@ -424,6 +448,7 @@ fn softmax_bwd_t<T: Elem>(
     pl: &Layout,
     g: &CudaStorage,
     gl: &Layout,
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "softmax-backward";
     let dev = p.device();
@@ -441,19 +466,163 @@ fn softmax_bwd_t<T: Elem>(
         &pv,
         &gv,
         &mut dx,
-        &kk
+        &kk,
+        &scale
     )?;
     Ok((storage(dx, dev), pl.shape().clone()))
 }
 
-/// `p ⊙ (g − Σ g⊙p)` over the last dimension.
+/// `scale · p ⊙ (g − Σ g⊙p)` over the last dimension.
 pub(crate) fn softmax_bwd(
     p: &CudaStorage,
     pl: &Layout,
     g: &CudaStorage,
     gl: &Layout,
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    dispatch!(p.dtype(), "softmax-backward", softmax_bwd_t(p, pl, g, gl))
+    dispatch!(
+        p.dtype(),
+        "softmax-backward",
+        softmax_bwd_t(p, pl, g, gl, scale)
+    )
+}
+
+fn dropout_apply_t<T: Elem>(
+    x: &CudaStorage,
+    xl: &Layout,
+    seed: u64,
+    keep: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let xv = view::<T>(x, xl, "dropout")?;
+    let n = xl.shape().elem_count();
+    let mut y = alloc::<T>(dev, n)?;
+    let total = n as i64;
+    launch!(
+        dev,
+        T,
+        "dropout_apply",
+        elementwise_cfg(n),
+        &xv,
+        &mut y,
+        &total,
+        &seed,
+        &keep
+    )?;
+    Ok((storage(y, dev), xl.shape().clone()))
+}
+
+/// `x ⊙ mask(seed)` with the mask computed on the fly (dropout forward and backward).
+pub(crate) fn dropout_apply(
+    x: &CudaStorage,
+    xl: &Layout,
+    seed: u64,
+    keep: f32,
+) -> Result<(CudaStorage, Shape)> {
+    dispatch!(x.dtype(), "dropout", dropout_apply_t(x, xl, seed, keep))
+}
+
+/// The in-place passes of the AdamW update on f32 CUDA tensors (see kernels/peft_ops.cu).
+pub mod adamw {
+    use super::*;
+
+    fn f32_mut<'a>(
+        s: &'a mut CudaStorage,
+        l: &Layout,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("adamw: state must be contiguous")
+        };
+        Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
+    }
+
+    /// `m ← m + w·(g·gscale − m)` (torch's lerp).
+    pub fn first_moment(
+        m: &mut CudaStorage,
+        ml: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        w: f32,
+        gscale: f32,
+    ) -> Result<()> {
+        let dev = m.device().clone();
+        let gv = view::<f32>(g, gl, "adamw")?;
+        let n = ml.shape().elem_count();
+        let mut mv = f32_mut(m, ml)?;
+        let total = n as i64;
+        launch!(
+            &dev,
+            f32,
+            "adamw_m",
+            elementwise_cfg(n),
+            &mut mv,
+            &gv,
+            &total,
+            &w,
+            &gscale
+        )
+    }
+
+    /// `v ← v·b2 + (1−b2)·(g·gscale)²`.
+    pub fn second_moment(
+        v: &mut CudaStorage,
+        vl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        (b2, one_minus_b2): (f32, f32),
+        gscale: f32,
+    ) -> Result<()> {
+        let dev = v.device().clone();
+        let gv = view::<f32>(g, gl, "adamw")?;
+        let n = vl.shape().elem_count();
+        let mut vv = f32_mut(v, vl)?;
+        let total = n as i64;
+        launch!(
+            &dev,
+            f32,
+            "adamw_v",
+            elementwise_cfg(n),
+            &mut vv,
+            &gv,
+            &total,
+            &b2,
+            &one_minus_b2,
+            &gscale
+        )
+    }
+
+    /// `p ← p·decay + nss·m / (sqrt(v)/bc2s + eps)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn param(
+        p: &mut CudaStorage,
+        pl: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+        (decay, bc2s, eps, nss): (f32, f32, f32, f32),
+    ) -> Result<()> {
+        let dev = p.device().clone();
+        let mv = view::<f32>(m, ml, "adamw")?;
+        let vv = view::<f32>(v, vl, "adamw")?;
+        let n = pl.shape().elem_count();
+        let mut pv = f32_mut(p, pl)?;
+        let total = n as i64;
+        launch!(
+            &dev,
+            f32,
+            "adamw_p",
+            elementwise_cfg(n),
+            &mut pv,
+            &mv,
+            &vv,
+            &total,
+            &decay,
+            &bc2s,
+            &eps,
+            &nss
+        )
+    }
 }
 
 fn dropout_mask_t<T: Elem>(

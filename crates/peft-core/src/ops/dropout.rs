@@ -129,12 +129,64 @@ impl Dropout {
         dropout_mask(seed, 1.0 - self.p, x.shape(), x.dtype(), x.device()).map(Some)
     }
 
-    /// Applies dropout when `train` is true and `p > 0`.
+    /// Applies dropout when `train` is true and `p > 0`. Where the fused kernels exist (f32 CPU,
+    /// f32/bf16 CUDA) this is one op whose backward re-derives the mask from its seed: no mask
+    /// tensor is stored and no gradient is computed for one.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        if super::fused_kernels(x) {
+            let op = DropoutOp {
+                seed: self.rng.next_seed(),
+                keep: 1.0 - self.p,
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
         match self.mask_for(x, train)? {
             Some(mask) => x.mul(&mask),
             None => Ok(x.clone()),
         }
+    }
+}
+
+/// `x ⊙ mask(seed)`; its backward is the same op on the gradient.
+#[derive(Clone, Copy)]
+struct DropoutOp {
+    seed: u64,
+    keep: f32,
+}
+
+impl candle_core::CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        let x = super::contiguous_f32(s, l, self.name())?;
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * mask_value(self.seed, i as u64, self.keep))
+            .collect();
+        Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cuda_ops::dropout_apply(s, l, self.seed, self.keep)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 
@@ -160,6 +212,24 @@ mod tests {
             .mean_all()?
             .to_scalar::<f32>()?;
         assert!((zeros - 0.1).abs() < 0.01, "dropped fraction {zeros}");
+        // The fused op and the mask tensor agree (same seed stream, same mask function).
+        let mask = Dropout::new(0.1, DropoutRng::new(7))
+            .mask_for(&x, true)?
+            .expect("train");
+        assert_eq!((&y - &mask)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let xv = candle_core::Var::randn(0f32, 1., (7, 11), &Device::Cpu)?;
+        let d = Dropout::new(0.3, DropoutRng::new(3));
+        let out = d.forward(xv.as_tensor(), true)?;
+        let grads = out.sum_all()?.backward()?;
+        let dx = grads.get(xv.as_tensor()).expect("dx");
+        let m = Dropout::new(0.3, DropoutRng::new(3))
+            .mask_for(xv.as_tensor(), true)?
+            .expect("train");
+        assert_eq!(
+            (dx - &m)?.abs()?.sum_all()?.to_scalar::<f32>()?,
+            0.0,
+            "backward is the mask"
+        );
         let again = Dropout::new(0.1, DropoutRng::new(7)).forward(&x, true)?;
         assert_eq!(
             (y - again)?.abs()?.sum_all()?.to_scalar::<f32>()?,

@@ -122,8 +122,11 @@ pub fn frozen_linear(
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out_features;
     let y = if x.device().is_cpu() || x.device().is_cuda() {
         x2.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenLinear {
-            weight: weight.detach(),
-            bias: bias.map(|b| b.detach()),
+            weight: weight.to_dtype(x.dtype())?.detach(),
+            bias: match bias {
+                Some(b) => Some(b.to_dtype(x.dtype())?.detach()),
+                None => None,
+            },
         })))?
     } else {
         let y = x2.matmul(&weight.detach().t()?)?;

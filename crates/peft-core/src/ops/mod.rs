@@ -10,6 +10,8 @@ mod lora_linear;
 mod multi_lora;
 mod softmax;
 
+#[cfg(feature = "cuda")]
+pub use cuda_ops::adamw as cuda_adamw;
 pub use dropout::{dropout_mask, Dropout, DropoutRng};
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu;

@@ -10,6 +10,8 @@ struct MaskedSoftmax {
     mask: Option<Tensor>,
     /// Rows of scores per batch element (heads × queries).
     rows_per_batch: usize,
+    /// Multiplies the scores before the mask is added.
+    scale: f32,
 }
 
 impl CustomOp1 for MaskedSoftmax {
@@ -38,10 +40,14 @@ impl CustomOp1 for MaskedSoftmax {
                 Some(mask) => {
                     let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
                     for i in 0..keys {
-                        o[i] = row[i] + m[i];
+                        o[i] = self.scale * row[i] + m[i];
                     }
                 }
-                None => o.copy_from_slice(row),
+                None => {
+                    for i in 0..keys {
+                        o[i] = self.scale * row[i];
+                    }
+                }
             }
             let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -61,18 +67,19 @@ impl CustomOp1 for MaskedSoftmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_ops::masked_softmax(s, l, self.mask.as_ref(), self.rows_per_batch)
+        super::cuda_ops::masked_softmax(s, l, self.mask.as_ref(), self.rows_per_batch, self.scale)
     }
 
     fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
-        ))
+        let backward = SoftmaxBackward { scale: self.scale };
+        Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }
 }
 
-/// `dx = p ⊙ (g − Σ g⊙p)` over the last dimension.
-struct SoftmaxBackward;
+/// `dx = scale · p ⊙ (g − Σ g⊙p)` over the last dimension.
+struct SoftmaxBackward {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
@@ -97,7 +104,7 @@ impl CustomOp2 for SoftmaxBackward {
         {
             let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
             for i in 0..keys {
-                d[i] = p[i] * (g[i] - dot);
+                d[i] = self.scale * p[i] * (g[i] - dot);
             }
         }
         Ok((CpuStorage::F32(dx), pl.shape().clone()))
@@ -111,14 +118,18 @@ impl CustomOp2 for SoftmaxBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_ops::softmax_bwd(ps, pl, gs, gl)
+        super::cuda_ops::softmax_bwd(ps, pl, gs, gl, self.scale)
     }
 }
 
-/// `softmax(scores + mask)` over the last dimension. `scores` has shape
-/// `(batch, heads, queries, keys)`; `mask`, if given, shape `(batch, keys)` with 0 for kept keys
-/// and a large negative value for masked ones. The mask receives no gradient.
-pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+/// `softmax(scale · scores + mask)` over the last dimension (attention's `1/√d` scale folded in).
+/// `scores` has shape `(batch, heads, queries, keys)`; `mask`, if given, shape `(batch, keys)`
+/// with 0 for kept keys and a large negative value for masked ones. The mask gets no gradient.
+pub fn masked_softmax(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let (batch, heads, queries, keys) = scores.dims4()?;
     if fused_kernels(scores) {
         let mask = match mask {
@@ -136,8 +147,10 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Re
         scores.contiguous()?.apply_op1(MaskedSoftmax {
             mask,
             rows_per_batch: heads * queries,
+            scale: scale as f32,
         })
     } else {
+        let scores = (scores * scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.detach().reshape((batch, 1, 1, keys))?)?,
             None => scores.clone(),
@@ -157,9 +170,9 @@ mod tests {
         let s = Var::randn(0f32, 2., (2, 3, 4, 5), &dev)?;
         let mask = Tensor::new(&[[0f32, 0., 0., -1e4, -1e4], [0., 0., 0., 0., 0.]], &dev)?;
         let w = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
-        let ours = masked_softmax(s.as_tensor(), Some(&mask))?;
+        let ours = masked_softmax(s.as_tensor(), Some(&mask), 0.125)?;
         let reference = candle_nn::ops::softmax(
-            &s.broadcast_add(&mask.reshape((2, 1, 1, 5))?)?,
+            &(s.as_tensor() * 0.125)?.broadcast_add(&mask.reshape((2, 1, 1, 5))?)?,
             candle_core::D::Minus1,
         )?;
         let diff = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -225,11 +225,14 @@ pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
                 } else {
                     &mask_d
                 };
-                masked_softmax(&t[0], Some(m))
+                masked_softmax(&t[0], Some(m), 0.125)
             })?;
         }
         for (rows, k, n, r, adapters) in [(9, 13, 7, 3, 3), (1000, 768, 768, 8, 16)] {
             checks.push(multi_lora_check(device, dt, (rows, k, n, r, adapters))?);
+        }
+        if dt == DType::F32 {
+            checks.push(adamw_check(device)?);
         }
         let shape: candle_core::Shape = (1001, 77).into();
         let d = ctx("dropout", || dropout_mask(42, 0.9, &shape, dt, device))?;
@@ -243,6 +246,36 @@ pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
         checks.push(exact);
     }
     Ok(checks)
+}
+
+/// Three AdamW steps (weight decay, gradient scale) on the device against the CPU, from the same
+/// parameter and the same gradients (f32).
+fn adamw_check(device: &Device) -> Result<Check> {
+    use crate::optim::{AdamW, AdamWConfig};
+    let shape = [333usize, 77];
+    let p0 = rand_rounded(&shape, 1.0, DType::F32)?;
+    let grads: Vec<Tensor> = (0..3)
+        .map(|_| rand_rounded(&shape, 0.1, DType::F32))
+        .collect::<Result<_>>()?;
+    let run = |dev: &Device| -> Result<Tensor> {
+        let var = ctx("adamw", || Var::from_tensor(&p0.to_device(dev)?))?;
+        let config = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new([("w".to_string(), var.clone())], config)?;
+        for g in &grads {
+            // A gradient store holding `g` for the parameter: d(sum(p ⊙ g))/dp = g.
+            let store = ctx("adamw", || {
+                (var.as_tensor() * g.to_device(dev)?)?.sum_all()?.backward()
+            })?;
+            opt.step_scaled(&store, 0.5)?;
+        }
+        Ok(var.as_tensor().clone())
+    };
+    let (d, c) = (run(device)?, run(&Device::Cpu)?);
+    compare("adamw_step", DType::F32, &shape, &d, &c)
 }
 
 /// Row `i`'s adapter in the multi-adapter cases: every `adapters + 1`-th row uses none.
@@ -360,6 +393,7 @@ pub fn multi_adapter_cases(
                 peak_bytes: None,
                 trainable_params: None,
                 error: None,
+                phases_ms: None,
             };
             match measured {
                 Ok(mut times) => {
@@ -386,6 +420,7 @@ pub fn step_checks(device: &Device) -> Result<Vec<Check>> {
             batch: 3,
             steps: 1,
             warmup: 0,
+            phases: false,
         };
         let model = super::build_model(&s, super::Method::LoraQv.plan())?;
         for (name, var) in model.parts.params.named_vars() {
@@ -508,6 +543,7 @@ pub fn linear_cases(
                 peak_bytes: None,
                 trainable_params: Some(if method == "frozen" { 0 } else { r * (k + n) }),
                 error: None,
+                phases_ms: None,
             };
             match measured {
                 Ok(mut times) => {

@@ -154,6 +154,8 @@ pub struct BenchSettings {
     pub steps: usize,
     /// Untimed steps before.
     pub warmup: usize,
+    /// Also time forward, backward and optimizer apart (synchronising between them).
+    pub phases: bool,
 }
 
 /// One measured case, in the JSON schema shared with the Python side.
@@ -185,6 +187,9 @@ pub struct CaseResult {
     pub trainable_params: Option<usize>,
     /// Why the case failed, if it did.
     pub error: Option<String>,
+    /// Median forward / backward / optimizer times of a training step, timed apart (`--phases`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases_ms: Option<[f64; 3]>,
 }
 
 /// Median, p10 and p90 of `times` (ms).
@@ -268,6 +273,7 @@ fn case(
         peak_bytes: peak,
         trainable_params: None,
         error: None,
+        phases_ms: None,
     };
     match measured {
         Ok((mut times, trainable)) => {
@@ -301,9 +307,39 @@ pub fn train_case(s: &BenchSettings, method: Method, seq: usize) -> CaseResult {
             let grads = ctx("backward", || loss.backward())?;
             opt.step(&grads)
         })?;
-        Ok((times, Some(trainable)))
+        let phases = if s.phases {
+            let mut split = [vec![], vec![], vec![]];
+            let sync = || ctx("synchronize", || s.device.synchronize());
+            for _ in 0..s.steps.max(1) {
+                let t = Instant::now();
+                let logits = model.forward(&input.ids, &input.types, &input.mask, true)?;
+                let logits = ctx("logits", || logits.to_dtype(DType::F32))?;
+                let (loss, _) = masked_cross_entropy(&logits, &input.labels)?;
+                sync()?;
+                let t1 = Instant::now();
+                let grads = ctx("backward", || loss.backward())?;
+                sync()?;
+                let t2 = Instant::now();
+                opt.step(&grads)?;
+                sync()?;
+                let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+                split[0].push(ms(t, t1));
+                split[1].push(ms(t1, t2));
+                split[2].push(ms(t2, Instant::now()));
+            }
+            Some(split.map(|mut v| percentiles(&mut v).0))
+        } else {
+            None
+        };
+        Ok((times, Some(trainable), phases))
     })();
-    case("train", method.name(), s, seq, measured, mem.peak())
+    let (measured, phases) = match measured {
+        Ok((times, trainable, phases)) => (Ok((times, trainable)), phases),
+        Err(e) => (Err(e), None),
+    };
+    let mut c = case("train", method.name(), s, seq, measured, mem.peak());
+    c.phases_ms = phases;
+    c
 }
 
 /// Inference variants: the base model, LoRA (query, value) unmerged, and the same merged.

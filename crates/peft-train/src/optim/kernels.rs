@@ -1,5 +1,5 @@
-//! The AdamW update as in-place CPU ops (no temporaries), and the same update with tensor ops
-//! for other devices.
+//! The AdamW update as in-place ops (no temporaries) on the CPU and, for f32, on CUDA; and the
+//! same update with tensor ops for other devices.
 //!
 //! Both follow `torch.optim.AdamW` (single-tensor path) operation by operation:
 //! `p *= 1 - lr*wd; m.lerp_(g, 1-b1); v = v*b2 + (1-b2)*g*g;`
@@ -173,6 +173,30 @@ impl InplaceOp2 for MomentOp {
             (d, g) => bail!("adamw: unsupported dtypes {:?}/{:?}", d.dtype(), g.dtype()),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use peft_core::ops::cuda_adamw;
+        let h = &self.1;
+        let gscale = h.grad_scale.unwrap_or(1.0) as f32;
+        match self.0 {
+            Moment::First => cuda_adamw::first_moment(s1, l1, s2, l2, h.lerp_w as f32, gscale),
+            Moment::Second => cuda_adamw::second_moment(
+                s1,
+                l1,
+                s2,
+                l2,
+                (h.beta2 as f32, h.one_minus_beta2 as f32),
+                gscale,
+            ),
+        }
+    }
 }
 
 /// `p = p*(1 - lr*wd) - step_size * m / (sqrt(v)/bc2_sqrt + eps)`, in place on the parameter.
@@ -235,16 +259,40 @@ impl InplaceOp3 for ParamOp {
             (p, _, _) => bail!("adamw: unsupported dtype {:?}", p.dtype()),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let h = &self.0;
+        let scalars = (
+            h.decay.unwrap_or(1.0) as f32,
+            h.bc2_sqrt as f32,
+            h.eps as f32,
+            h.neg_step_size as f32,
+        );
+        peft_core::ops::cuda_adamw::param(s1, l1, s2, l2, s3, l3, scalars)
+    }
 }
 
-/// Whether [`fused_step`] can update this parameter (a float tensor on the CPU).
+/// Whether [`fused_step`] can update this parameter: a float tensor on the CPU, or an f32 one
+/// on CUDA (kernels in kernels/peft_ops.cu).
 pub(super) fn can_fuse(var: &Var) -> bool {
     use candle_core::DType;
-    var.device().is_cpu()
-        && matches!(
+    match var.device() {
+        candle_core::Device::Cpu => matches!(
             var.dtype(),
             DType::F32 | DType::F64 | DType::BF16 | DType::F16
-        )
+        ),
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && var.dtype() == DType::F32,
+        _ => false,
+    }
 }
 
 /// Updates the moments and the parameter in place, three passes and no allocation.
