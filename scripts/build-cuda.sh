@@ -2,7 +2,7 @@
 # Builds the CUDA peft-rs binary on a machine without a GPU (README: CUDA):
 #   1. scripts/install-cuda-toolkit.sh: nvcc 13.0 from PyPI wheels and link-time stubs (.cuda/)
 #   2. cargo build --release --features cuda (target/cuda, kept apart from the CPU build)
-#   3. dist/peft-rs-cuda (stripped) and dist/peft-rs-cuda.gz, small enough to carry to a GPU machine
+#   3. dist/peft-rs-cuda.gz: the stripped binary, compressed, to carry to a GPU machine
 # A clean build takes ~15 minutes on 2 cores (most of it nvcc on candle's kernels); rebuilds
 # after a change to peft-rs take about a minute.
 #
@@ -23,10 +23,11 @@ fi
 echo "[build-cuda] cargo build --release --features cuda -p peft-cli --target-dir target/cuda"
 cargo build --release --features cuda -p peft-cli --target-dir target/cuda
 mkdir -p dist
+# Stripped and compressed (it is mostly candle's PTX text) for carrying to a GPU machine:
+# ~16 MB instead of ~58.
 strip --strip-all -o dist/peft-rs-cuda.tmp target/cuda/release/peft-rs
-mv dist/peft-rs-cuda.tmp dist/peft-rs-cuda
-# Compressed (mostly candle's PTX text) for carrying to a GPU machine: ~16 MB instead of ~58.
-gzip -6 -c dist/peft-rs-cuda >dist/peft-rs-cuda.gz.tmp && mv dist/peft-rs-cuda.gz.tmp dist/peft-rs-cuda.gz
-echo "[build-cuda] dist/peft-rs-cuda: $(du -h dist/peft-rs-cuda | cut -f1), dist/peft-rs-cuda.gz: $(du -h dist/peft-rs-cuda.gz | cut -f1)"
+gzip -6 -c dist/peft-rs-cuda.tmp >dist/peft-rs-cuda.gz.tmp && mv dist/peft-rs-cuda.gz.tmp dist/peft-rs-cuda.gz
+rm -f dist/peft-rs-cuda.tmp dist/peft-rs-cuda
+echo "[build-cuda] dist/peft-rs-cuda.gz: $(du -h dist/peft-rs-cuda.gz | cut -f1)"
 echo "[build-cuda] linked CUDA libraries (resolved on the GPU machine):"
-readelf -d dist/peft-rs-cuda | grep NEEDED | grep -E "cu|nvrtc" | sed 's/^/[build-cuda]   /'
+readelf -d target/cuda/release/peft-rs | grep NEEDED | grep -E "cu|nvrtc" | sed 's/^/[build-cuda]   /'
