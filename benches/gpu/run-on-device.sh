@@ -48,4 +48,18 @@ step rust 180 "$BIN" bench --suite train,infer --model bert-base --device cuda:0
   --batch 32 --seqs 128,512 --steps "$STEPS" --warmup "$WARMUP" --phases --out "$OUT/rust.json"
 step python 180 "$PY" benches/compare/peft_gpu_bench.py --device cuda --dtype bf16 --batch 32 \
   --seqs 128,512 --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/python.json"
+# Where the time goes, when the machine has Nsight Systems: a kernel and API summary of a few
+# LoRA training steps (BERT-base, seq 128).
+NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)"
+if [ -n "$NSYS" ]; then
+  step nsys 120 "$NSYS" profile -t cuda -o "$OUT/lora-qv-seq128" --force-overwrite true --stats=false \
+    "$BIN" bench --suite train --methods lora-qv --model bert-base --device cuda:0 --dtype bf16 \
+    --batch 32 --seqs 128 --steps 5 --warmup 2
+  step nsys-stats 90 "$NSYS" stats -r cuda_gpu_kern_sum,cuda_api_sum -f csv -o "$OUT/nsys" \
+    "$OUT/lora-qv-seq128.nsys-rep" >/dev/null
+  rm -f "$OUT/lora-qv-seq128.nsys-rep" "$OUT"/*.sqlite
+  head -25 "$OUT"/nsys_cuda_gpu_kern_sum.csv 2>/dev/null
+else
+  echo "== no nsys on this machine"
+fi
 echo "== done $(date -u +%FT%TZ)"

@@ -21,21 +21,20 @@ fn main() {
     // PTX for a virtual architecture is JIT-compiled by the driver for the actual GPU: compute_80
     // runs on Ampere and Hopper alike.
     let arch = std::env::var("PEFT_RS_CUDA_ARCH").unwrap_or_else(|_| "compute_80".into());
-    for name in ["peft_ops"] {
-        let src = kernels.join(format!("{name}.cu"));
-        println!("cargo::rerun-if-changed={}", src.display());
-        let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}")])
-            .arg("-o")
-            .arg(out.join(format!("{name}.ptx")))
-            .arg(&src)
-            .status()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} ({e}); run scripts/install-cuda-toolkit.sh and eval its --env output",
-                    nvcc.display()
-                )
-            });
-        assert!(status.success(), "nvcc failed on {}", src.display());
-    }
+    // One PTX module: every kernel the ops load (crates/peft-core/src/cuda.rs).
+    let src = kernels.join("peft_ops.cu");
+    println!("cargo::rerun-if-changed={}", src.display());
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}")])
+        .arg("-o")
+        .arg(out.join("peft_ops.ptx"))
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); run scripts/install-cuda-toolkit.sh and eval its --env output",
+                nvcc.display()
+            )
+        });
+    assert!(status.success(), "nvcc failed on {}", src.display());
 }

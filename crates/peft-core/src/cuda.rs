@@ -138,6 +138,61 @@ where
     unsafe { dev.cublas_handle().gemm(cfg, b, a, c) }.w()
 }
 
+/// One operand of [`gemm_batched`]: a row-major matrix (row stride `ld`) per batch item, items
+/// `stride` elements apart, used as stored or transposed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strided {
+    pub op: Op,
+    pub ld: usize,
+    pub stride: usize,
+}
+
+/// Row-major, strided-batched `C_i (m×n) = alpha · op(A_i)·op(B_i) + beta · C_i`, `i < batch`,
+/// where each matrix may be a column block of a wider row-major buffer (row stride `ld`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_batched<T: Elem, A, B, C>(
+    dev: &CudaDevice,
+    (batch, m, n, k): (usize, usize, usize, usize),
+    alpha: f32,
+    (a, sa): (&A, Strided),
+    (b, sb): (&B, Strided),
+    beta: f32,
+    (c, ldc, stride_c): (&mut C, usize, usize),
+) -> Result<()>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    A: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
+    B: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
+    C: candle_core::cuda_backend::cudarc::driver::DevicePtrMut<T>,
+{
+    use candle_core::cuda_backend::cudarc::cublas::StridedBatchedConfig;
+    let op = |o: Op| match o {
+        Op::N => cublasOperation_t::CUBLAS_OP_N,
+        Op::T => cublasOperation_t::CUBLAS_OP_T,
+    };
+    // As in `gemm`: Cᵀ = op(B)ᵀ·op(A)ᵀ in column-major terms; a row stride is a leading dimension.
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op(sb.op),
+            transb: op(sa.op),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: T::from_f32(alpha),
+            lda: sb.ld as i32,
+            ldb: sa.ld as i32,
+            beta: T::from_f32(beta),
+            ldc: ldc as i32,
+        },
+        batch_size: batch as i32,
+        stride_a: sb.stride as i64,
+        stride_b: sa.stride as i64,
+        stride_c: stride_c as i64,
+    };
+    // Safety: callers size the buffers from the same dims, strides and leading dimensions.
+    unsafe { dev.cublas_handle().gemm_strided_batched(cfg, b, a, c) }.w()
+}
+
 /// Launches kernel `$name` for element type `$T` on `$dev`'s stream with the given arguments.
 macro_rules! launch {
     ($dev:expr, $T:ty, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{

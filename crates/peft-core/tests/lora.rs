@@ -20,9 +20,14 @@ struct Tiny {
 
 impl Tiny {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.q.forward(x, false).unwrap().tanh()?;
-        let h = self.v.forward(&h, false).unwrap();
-        Ok(self.head.forward(&h, false).unwrap())
+        self.forward_mode(x, false)
+    }
+
+    /// `train = true` builds the autograd graph (evaluation uses detached parameters).
+    fn forward_mode(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = self.q.forward(x, train).unwrap().tanh()?;
+        let h = self.v.forward(&h, train).unwrap();
+        Ok(self.head.forward(&h, train).unwrap())
     }
 }
 
@@ -184,7 +189,7 @@ fn only_adapter_and_head_receive_gradients() {
     let m = build(0, lora(false));
     randomise_b(&m);
     let loss = m
-        .forward(&input())
+        .forward_mode(&input(), true)
         .unwrap()
         .sqr()
         .unwrap()

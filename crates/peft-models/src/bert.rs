@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use peft_core::ops::{gelu, masked_softmax, Dropout};
+use peft_core::ops::{attention, gelu, AttentionSpec, Dropout};
 use peft_core::{Embedding, LayerNorm, ModelBuilder, Result, TunableLinear, TunedParts};
 use serde::Deserialize;
 
@@ -170,26 +170,20 @@ impl Layer {
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (bsz, seq, hidden) = x.dims3()?;
-        Ok(x.reshape((bsz, seq, self.heads, hidden / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (bsz, seq, hidden) = x.dims3()?;
-        let head_dim = hidden / self.heads;
-        let q = self.split_heads(&self.query.forward(x, train)?)?;
-        let k = self.split_heads(&self.key.forward(x, train)?)?;
-        let v = self.split_heads(&self.value.forward(x, train)?)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
-        let probs = self.attn_dropout.forward(&probs, train)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((bsz, seq, hidden))?;
+        let hidden = x.dim(2)?;
+        let spec = AttentionSpec {
+            heads: self.heads,
+            scale: 1.0 / ((hidden / self.heads) as f64).sqrt(),
+            mask,
+            dropout: self.attn_dropout.next_seed(train),
+        };
+        let ctx = attention(
+            &self.query.forward(x, train)?,
+            &self.key.forward(x, train)?,
+            &self.value.forward(x, train)?,
+            &spec,
+        )?;
         let attn = self
             .hidden_dropout
             .forward(&self.attn_out.forward(&ctx, train)?, train)?;

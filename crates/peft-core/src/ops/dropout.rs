@@ -129,25 +129,29 @@ impl Dropout {
         dropout_mask(seed, 1.0 - self.p, x.shape(), x.dtype(), x.device()).map(Some)
     }
 
+    /// The `(seed, keep probability)` of the next mask, or `None` when dropout is off (`!train`
+    /// or `p = 0`). For ops that apply dropout inside themselves (attention).
+    pub fn next_seed(&self, train: bool) -> Option<(u64, f32)> {
+        (train && self.p > 0.0).then(|| (self.rng.next_seed(), 1.0 - self.p))
+    }
+
     /// Applies dropout when `train` is true and `p > 0`. Where the fused kernels exist (f32 CPU,
     /// f32/bf16 CUDA) this is one op whose backward re-derives the mask from its seed: no mask
     /// tensor is stored and no gradient is computed for one.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train || self.p <= 0.0 {
-            return Ok(x.clone());
-        }
-        if super::fused_kernels(x) {
-            let op = DropoutOp {
-                seed: self.rng.next_seed(),
-                keep: 1.0 - self.p,
-            };
-            return x.contiguous()?.apply_op1(op);
-        }
-        match self.mask_for(x, train)? {
-            Some(mask) => x.mul(&mask),
+        match self.next_seed(train) {
+            Some((seed, keep)) => apply_seeded_dropout(x, seed, keep),
             None => Ok(x.clone()),
         }
     }
+}
+
+/// `x ⊙ mask(seed)`: the dropout of [`Dropout::forward`] for a given seed.
+pub fn apply_seeded_dropout(x: &Tensor, seed: u64, keep: f32) -> candle_core::Result<Tensor> {
+    if super::fused_kernels(x) {
+        return x.contiguous()?.apply_op1(DropoutOp { seed, keep });
+    }
+    x.mul(&dropout_mask(seed, keep, x.shape(), x.dtype(), x.device())?)
 }
 
 /// `x ⊙ mask(seed)`; its backward is the same op on the gradient.

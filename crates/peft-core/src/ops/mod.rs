@@ -1,5 +1,8 @@
 //! Custom ops whose backward computes no gradient for frozen operands, with CPU fast paths.
 
+mod attention;
+#[cfg(feature = "cuda")]
+mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
 mod dropout;
@@ -10,9 +13,10 @@ mod lora_linear;
 mod multi_lora;
 mod softmax;
 
+pub use attention::{attention, attention_reference, AttentionSpec};
 #[cfg(feature = "cuda")]
 pub use cuda_ops::adamw as cuda_adamw;
-pub use dropout::{dropout_mask, Dropout, DropoutRng};
+pub use dropout::{apply_seeded_dropout, dropout_mask, Dropout, DropoutRng};
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;

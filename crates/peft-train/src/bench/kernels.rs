@@ -10,9 +10,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use peft_core::ops::{
-    dropout_mask, frozen_linear, gelu, layer_norm, lora_linear, lora_linear_reference,
-    masked_softmax, multi_lora_linear, multi_lora_linear_reference, LoraBranch, LoraStack,
-    NO_ADAPTER,
+    attention, attention_reference, dropout_mask, frozen_linear, gelu, layer_norm, lora_linear,
+    lora_linear_reference, masked_softmax, multi_lora_linear, multi_lora_linear_reference,
+    AttentionSpec, LoraBranch, LoraStack, NO_ADAPTER,
 };
 use serde::Serialize;
 
@@ -233,6 +233,35 @@ pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
         }
         if dt == DType::F32 {
             checks.push(adamw_check(device)?);
+        }
+        for (b, s, heads, d, with_dropout) in [
+            (2, 7, 3, 5, false),
+            (3, 128, 12, 64, true),
+            (2, 77, 4, 32, true),
+        ] {
+            let valid: Vec<f32> = (0..b * s)
+                .map(|i| if i % s < s - i / s - 1 { 0.0 } else { f32::MIN })
+                .collect();
+            let mask = ctx("mask", || Tensor::from_vec(valid, (b, s), &Device::Cpu))?;
+            let mask_d = ctx("mask", || mask.to_device(device))?;
+            let dropout = with_dropout.then_some((99u64, 0.9f32));
+            let qkv: Vec<Tensor> = (0..3)
+                .map(|_| rand_rounded(&[b, s, heads * d], 1.0, dt))
+                .collect::<Result<_>>()?;
+            check_op(&mut checks, "attention", device, dt, &qkv, &|t| {
+                let on_cpu = t[0].device().is_cpu();
+                let spec = AttentionSpec {
+                    heads,
+                    scale: 1.0 / (d as f64).sqrt(),
+                    mask: Some(if on_cpu { &mask } else { &mask_d }),
+                    dropout,
+                };
+                if on_cpu {
+                    attention_reference(&t[0], &t[1], &t[2], &spec)
+                } else {
+                    attention(&t[0], &t[1], &t[2], &spec)
+                }
+            })?;
         }
         let shape: candle_core::Shape = (1001, 77).into();
         let d = ctx("dropout", || dropout_mask(42, 0.9, &shape, dt, device))?;
@@ -489,7 +518,8 @@ pub fn step_checks(device: &Device) -> Result<Vec<Check>> {
 
 /// The LoRA linear alone (bf16 on CUDA, f32 on the CPU): the frozen linear's forward + dx
 /// against the fused LoRA linear's forward + (dx, dA, dB), and against the same from plain
-/// candle ops (unfused), at `(tokens, in, out, r)` shapes.
+/// candle ops (unfused), at `(tokens, in, out, r)` shapes; plus forward-only timings of candle's
+/// matmul and of the frozen-linear op, to tell GEMM speed from autograd overhead.
 pub fn linear_cases(
     device: &Device,
     shapes: &[[usize; 4]],
@@ -503,7 +533,13 @@ pub fn linear_cases(
     };
     let mut out = vec![];
     for &[m, k, n, r] in shapes {
-        for method in ["frozen", "lora_fused", "lora_unfused"] {
+        for method in [
+            "frozen",
+            "lora_fused",
+            "lora_unfused",
+            "matmul_fwd",
+            "frozen_fwd",
+        ] {
             let measured = (|| -> Result<Vec<f64>> {
                 let t = |shape: &[usize], std: f32| -> candle_core::Result<Tensor> {
                     Tensor::randn(0f32, std, shape, device)?.to_dtype(dt)
@@ -518,14 +554,20 @@ pub fn linear_cases(
                     scale: 2.0,
                     mask: None,
                 };
+                let xd = x.as_tensor().detach();
                 time_steps(device, warmup, steps, || {
                     let y = match method {
                         "frozen" => frozen_linear(x.as_tensor(), &w, None),
                         "lora_fused" => lora_linear(x.as_tensor(), &w, None, &branch),
-                        _ => lora_linear_reference(x.as_tensor(), &w, None, &branch),
+                        "lora_unfused" => lora_linear_reference(x.as_tensor(), &w, None, &branch),
+                        // Forward only, no autograd: candle's matmul and the frozen-linear op.
+                        "matmul_fwd" => w.t().and_then(|wt| xd.matmul(&wt)),
+                        _ => frozen_linear(&xd, &w, None),
                     };
                     let y = ctx("forward", || y)?;
-                    ctx("backward", || y.backward())?;
+                    if !method.ends_with("_fwd") {
+                        ctx("backward", || y.backward())?;
+                    }
                     Ok(())
                 })
             })();
