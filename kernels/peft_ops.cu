@@ -171,12 +171,12 @@ __device__ void layer_norm_bwd(const T *x, const T *g, const T *gamma, T *dx, in
 
 // softmax(scale·x + mask) over rows of `keys`; mask (f32, batch × keys) broadcast over the
 // `rows_per_batch` rows (heads × queries) of each batch element; null for none.
-template <typename T>
-__device__ void masked_softmax(const T *x, const float *mask, T *y, int keys, int rows_per_batch,
+template <typename TX, typename T>
+__device__ void masked_softmax(const TX *x, const float *mask, T *y, int keys, int rows_per_batch,
                                float scale) {
   __shared__ float shared[32];
   const int64_t row = blockIdx.x;
-  const T *xr = x + row * keys;
+  const TX *xr = x + row * keys;
   T *yr = y + row * keys;
   const float *mr = mask ? mask + (row / rows_per_batch) * keys : nullptr;
   float m = -INFINITY;
@@ -192,8 +192,8 @@ __device__ void masked_softmax(const T *x, const float *mask, T *y, int keys, in
 }
 
 // dx = scale · p ⊙ (g − Σ g⊙p)
-template <typename T>
-__device__ void softmax_bwd(const T *p, const T *g, T *dx, int keys, float scale) {
+template <typename T, typename TG>
+__device__ void softmax_bwd(const T *p, const TG *g, T *dx, int keys, float scale) {
   __shared__ float shared[32];
   const int64_t off = (int64_t)blockIdx.x * keys;
   float s = 0.f;
@@ -299,11 +299,21 @@ extern "C" __global__ void adamw_p_f32(float *p, const float *m, const float *v,
   }                                                                                             \
   extern "C" __global__ void masked_softmax_##SFX(const T *x, const float *mask, T *y,        \
                                                   int keys, int rows_per_batch, float scale) {  \
-    masked_softmax<T>(x, mask, y, keys, rows_per_batch, scale);                                 \
+    masked_softmax<T, T>(x, mask, y, keys, rows_per_batch, scale);                              \
   }                                                                                             \
   extern "C" __global__ void softmax_bwd_##SFX(const T *p, const T *g, T *dx, int keys,       \
                                                float scale) {                                   \
-    softmax_bwd<T>(p, g, dx, keys, scale);                                                      \
+    softmax_bwd<T, T>(p, g, dx, keys, scale);                                                   \
+  }                                                                                             \
+  /* f32 scores / score gradients in, T out (the fused attention keeps scores in f32) */      \
+  extern "C" __global__ void masked_softmax_from_f32_##SFX(const float *x, const float *mask,  \
+                                                           T *y, int keys, int rows_per_batch,  \
+                                                           float scale) {                       \
+    masked_softmax<float, T>(x, mask, y, keys, rows_per_batch, scale);                          \
+  }                                                                                             \
+  extern "C" __global__ void softmax_bwd_from_f32_##SFX(const T *p, const float *g, T *dx,    \
+                                                        int keys, float scale) {                \
+    softmax_bwd<T, float>(p, g, dx, keys, scale);                                               \
   }                                                                                             \
   extern "C" __global__ void dropout_apply_##SFX(const T *x, T *y, int64_t n, uint64_t seed,  \
                                                  float keep) {                                  \

@@ -2,8 +2,12 @@
 //! to PTX by build.rs) and row-major cuBLAS GEMMs that can accumulate into their output, all on
 //! candle's own stream, so they order with candle's kernels without extra synchronisation.
 
-use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
 
@@ -13,29 +17,23 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/peft_ops.pt
 pub(crate) trait Elem: CudaDType + DeviceRepr + Copy + Send + Sync + 'static {
     /// The kernel-name suffix.
     const SUFFIX: &'static str;
-    /// `v` in this type.
-    fn from_f32(v: f32) -> Self;
+    /// cuBLAS's name for the type.
+    const CUDA_TYPE: cudaDataType;
 }
 
 impl Elem for f32 {
     const SUFFIX: &'static str = "f32";
-    fn from_f32(v: f32) -> Self {
-        v
-    }
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
 }
 
 impl Elem for u32 {
     const SUFFIX: &'static str = "u32";
-    fn from_f32(v: f32) -> Self {
-        v as u32
-    }
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_32U;
 }
 
 impl Elem for half::bf16 {
     const SUFFIX: &'static str = "bf16";
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
 }
 
 /// The name of kernel `name` for element type `T` in the PTX module.
@@ -106,36 +104,25 @@ pub(crate) fn gemm<T: Elem, A, B, C>(
     c: &mut C,
 ) -> Result<()>
 where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
-    A: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
-    B: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
-    C: candle_core::cuda_backend::cudarc::driver::DevicePtrMut<T>,
+    A: DevicePtr<T>,
+    B: DevicePtr<T>,
+    C: DevicePtrMut<T>,
 {
-    // cuBLAS is column-major: compute Cᵀ (n×m) = op(B)ᵀ · op(A)ᵀ. A row-major r×c buffer is a
-    // column-major c×r matrix, i.e. the transpose, so the row-major "as stored" operand needs no
-    // cuBLAS transpose and the row-major transposed one needs one.
-    let (tb, ldb) = match op_b {
-        Op::N => (cublasOperation_t::CUBLAS_OP_N, n),
-        Op::T => (cublasOperation_t::CUBLAS_OP_T, k),
+    let ld = |op: Op, rows: usize, cols: usize| match op {
+        Op::N => cols,
+        Op::T => rows,
     };
-    let (ta, lda) = match op_a {
-        Op::N => (cublasOperation_t::CUBLAS_OP_N, k),
-        Op::T => (cublasOperation_t::CUBLAS_OP_T, m),
+    let sa = Strided {
+        op: op_a,
+        ld: ld(op_a, m, k),
+        stride: 0,
     };
-    let cfg = GemmConfig {
-        transa: tb,
-        transb: ta,
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
-        alpha: T::from_f32(alpha),
-        lda: ldb as i32,
-        ldb: lda as i32,
-        beta: T::from_f32(beta),
-        ldc: n as i32,
+    let sb = Strided {
+        op: op_b,
+        ld: ld(op_b, k, n),
+        stride: 0,
     };
-    // Safety: the shapes above describe the buffers, which callers size from the same dims.
-    unsafe { dev.cublas_handle().gemm(cfg, b, a, c) }.w()
+    gemm_batched::<T, T, _, _, _>(dev, (1, m, n, k), alpha, (a, sa), (b, sb), beta, (c, n, 0))
 }
 
 /// One operand of [`gemm_batched`]: a row-major matrix (row stride `ld`) per batch item, items
@@ -148,9 +135,11 @@ pub(crate) struct Strided {
 }
 
 /// Row-major, strided-batched `C_i (m×n) = alpha · op(A_i)·op(B_i) + beta · C_i`, `i < batch`,
-/// where each matrix may be a column block of a wider row-major buffer (row stride `ld`).
+/// where each matrix may be a column block of a wider row-major buffer (row stride `ld`). Inputs
+/// are `T`, the output `TC` (e.g. bf16 inputs with f32 scores), accumulation in f32; `alpha` and
+/// `beta` are applied in f32 (exact LoRA scales in bf16).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_batched<T: Elem, A, B, C>(
+pub(crate) fn gemm_batched<T: Elem, TC: Elem, A, B, C>(
     dev: &CudaDevice,
     (batch, m, n, k): (usize, usize, usize, usize),
     alpha: f32,
@@ -160,37 +149,52 @@ pub(crate) fn gemm_batched<T: Elem, A, B, C>(
     (c, ldc, stride_c): (&mut C, usize, usize),
 ) -> Result<()>
 where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
-    A: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
-    B: candle_core::cuda_backend::cudarc::driver::DevicePtr<T>,
-    C: candle_core::cuda_backend::cudarc::driver::DevicePtrMut<T>,
+    A: DevicePtr<T>,
+    B: DevicePtr<T>,
+    C: DevicePtrMut<TC>,
 {
-    use candle_core::cuda_backend::cudarc::cublas::StridedBatchedConfig;
     let op = |o: Op| match o {
         Op::N => cublasOperation_t::CUBLAS_OP_N,
         Op::T => cublasOperation_t::CUBLAS_OP_T,
     };
-    // As in `gemm`: Cᵀ = op(B)ᵀ·op(A)ᵀ in column-major terms; a row stride is a leading dimension.
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: op(sb.op),
-            transb: op(sa.op),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: T::from_f32(alpha),
-            lda: sb.ld as i32,
-            ldb: sa.ld as i32,
-            beta: T::from_f32(beta),
-            ldc: ldc as i32,
-        },
-        batch_size: batch as i32,
-        stride_a: sb.stride as i64,
-        stride_b: sa.stride as i64,
-        stride_c: stride_c as i64,
-    };
-    // Safety: callers size the buffers from the same dims, strides and leading dimensions.
-    unsafe { dev.cublas_handle().gemm_strided_batched(cfg, b, a, c) }.w()
+    let blas = dev.cublas_handle();
+    let stream = dev.cuda_stream();
+    let (a_ptr, _a_sync) = a.device_ptr(&stream);
+    let (b_ptr, _b_sync) = b.device_ptr(&stream);
+    let (c_ptr, _c_sync) = c.device_ptr_mut(&stream);
+    // cuBLAS is column-major: compute Cᵀ = op(B)ᵀ·op(A)ᵀ. A row-major r×c buffer is a
+    // column-major c×r matrix, i.e. the transpose, so an operand used as stored needs no cuBLAS
+    // transpose and a transposed one needs one; a row stride is a leading dimension.
+    // Safety: callers size the buffers from the same dims, strides and leading dimensions, and
+    // the handle runs on candle's stream, which the pointers were taken for.
+    unsafe {
+        candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            op(sb.op),
+            op(sa.op),
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            b_ptr as *const _,
+            T::CUDA_TYPE,
+            sb.ld as i32,
+            sb.stride as i64,
+            a_ptr as *const _,
+            T::CUDA_TYPE,
+            sa.ld as i32,
+            sa.stride as i64,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            TC::CUDA_TYPE,
+            ldc as i32,
+            stride_c as i64,
+            batch as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .w()
 }
 
 /// Launches kernel `$name` for element type `$T` on `$dev`'s stream with the given arguments.

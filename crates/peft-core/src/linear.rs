@@ -101,13 +101,12 @@ impl TunableLinear {
         };
         let (w, bias) = (&w, bias.as_ref());
         let trainable_base = train && (w.is_variable() || bias.is_some_and(|b| b.is_variable()));
-        let dims = x.dims().to_vec();
-        let in_features = *dims.last().unwrap_or(&0);
-        let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
         let lora = self.lora.as_ref().filter(|_| !state.merged);
-        let y = match (lora, trainable_base) {
+        match (lora, trainable_base) {
+            // Frozen base: one op over `(..., in)`, no reshape nodes in the autograd graph.
+            (None, false) => Ok(frozen_linear(x, w, bias)?),
             (Some(lora), false) => {
-                let mask = lora.dropout_mask(&x2, train)?;
+                let mask = lora.dropout_mask(x, train)?;
                 let (a, b) = if train {
                     (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
                 } else {
@@ -119,11 +118,14 @@ impl TunableLinear {
                     scale: lora.scaling,
                     mask: mask.as_ref(),
                 };
-                lora_linear(&x2, w, bias, &branch)?
+                Ok(lora_linear(&x.contiguous()?, w, bias, &branch)?)
             }
             (lora, true) => {
                 // A trainable base (full fine-tuning, or an unfrozen layer): plain ops, cast to
                 // the activations' dtype so that mixed precision keeps f32 master weights.
+                let dims = x.dims().to_vec();
+                let in_features = *dims.last().unwrap_or(&0);
+                let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
                 let dtype = x2.dtype();
                 let mut y = x2.matmul(&w.to_dtype(dtype)?.t()?)?;
                 if let Some(b) = bias {
@@ -132,15 +134,13 @@ impl TunableLinear {
                 if let Some(lora) = lora {
                     y = (y + lora.delta(&x2, train)?)?;
                 }
-                y
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = w.dims()[0];
+                }
+                Ok(y.reshape(out_dims)?)
             }
-            (None, false) => frozen_linear(&x2, w, bias)?,
-        };
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = w.dims()[0];
         }
-        Ok(y.reshape(out_dims)?)
     }
 
     /// Folds the adapter into the base weight: `W ← W + s·B·A`. A no-op without an adapter.

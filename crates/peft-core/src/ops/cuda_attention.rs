@@ -5,7 +5,6 @@
 //! strided-batched GEMM per head covers the batch. Scores and probabilities are `(b, H, s, s)`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -76,18 +75,16 @@ fn probabilities<T: Elem>(
     dims: &Dims,
     q: &CudaView<'_, T>,
     k: &CudaView<'_, T>,
-) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)>
-where
-    CudaBlas: Gemm<T>,
-{
+) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
     const OP: &str = "attention";
     let (s, d, hs) = (dims.s, dims.d, dims.s * dims.s);
-    let mut scores = alloc::<T>(dev, dims.score_len())?;
+    // Scores in f32 (bf16 inputs, f32 accumulation and output), as FlashAttention keeps them.
+    let mut scores = alloc::<f32>(dev, dims.score_len())?;
     for h in 0..dims.heads {
         let qh = q.slice(h * d..);
         let kh = k.slice(h * d..);
         let mut sh = scores.slice_mut(h * hs..);
-        gemm_batched::<T, _, _, _>(
+        gemm_batched::<T, f32, _, _, _>(
             dev,
             (dims.b, s, s, d),
             1.0,
@@ -107,7 +104,7 @@ where
             launch!(
                 dev,
                 T,
-                "masked_softmax",
+                "masked_softmax_from_f32",
                 rows_cfg(rows, s),
                 &scores,
                 &mv,
@@ -122,7 +119,7 @@ where
             launch!(
                 dev,
                 T,
-                "masked_softmax",
+                "masked_softmax_from_f32",
                 rows_cfg(rows, s),
                 &scores,
                 &null,
@@ -162,10 +159,7 @@ fn forward_t<T: Elem>(
     (q, ql): (&CudaStorage, &Layout),
     (k, kl): (&CudaStorage, &Layout),
     (v, vl): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)>
-where
-    CudaBlas: Gemm<T>,
-{
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "attention";
     let dev = q.device();
     let dims = Dims::new(ql, p.heads)?;
@@ -182,7 +176,7 @@ where
         let ph = used.slice(h * hs..);
         let vh = vv.slice(h * d..);
         let mut ch = ctx.slice_mut(h * d..);
-        gemm_batched::<T, _, _, _>(
+        gemm_batched::<T, T, _, _, _>(
             dev,
             (dims.b, s, d, s),
             1.0,
@@ -215,10 +209,7 @@ fn backward_t<T: Elem>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-) -> Result<(CudaStorage, Shape)>
-where
-    CudaBlas: Gemm<T>,
-{
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "attention-backward";
     let dev = g.device();
     let dims = Dims::new(gl, p.heads)?;
@@ -241,7 +232,7 @@ where
             let ph = used.slice(h * hs..);
             let gh = gv.slice(h * d..);
             let mut dvh = out.slice_mut(2 * n + h * d..);
-            gemm_batched::<T, _, _, _>(
+            gemm_batched::<T, T, _, _, _>(
                 dev,
                 (dims.b, s, d, s),
                 1.0,
@@ -254,12 +245,12 @@ where
     }
     drop(dropped);
     // dP̃_h = G_h · V_hᵀ, then back through dropout (same seed) and softmax (with the scale).
-    let mut dp = alloc::<T>(dev, dims.score_len())?;
+    let mut dp = alloc::<f32>(dev, dims.score_len())?;
     for h in 0..dims.heads {
         let gh = gv.slice(h * d..);
         let vh = vv.slice(h * d..);
         let mut dph = dp.slice_mut(h * hs..);
-        gemm_batched::<T, _, _, _>(
+        gemm_batched::<T, f32, _, _, _>(
             dev,
             (dims.b, s, s, d),
             1.0,
@@ -272,10 +263,10 @@ where
     let total = dims.score_len() as i64;
     let dp = match p.dropout {
         Some((seed, keep)) => {
-            let mut undropped = alloc::<T>(dev, dims.score_len())?;
+            let mut undropped = alloc::<f32>(dev, dims.score_len())?;
             launch!(
                 dev,
-                T,
+                f32,
                 "dropout_apply",
                 elementwise_cfg(dims.score_len()),
                 &dp,
@@ -293,7 +284,7 @@ where
     launch!(
         dev,
         T,
-        "softmax_bwd",
+        "softmax_bwd_from_f32",
         rows_cfg(dims.b * dims.heads * s, s),
         &probs,
         &dp,
@@ -308,7 +299,7 @@ where
         let dsh = ds.slice(h * hs..);
         let kh = kv.slice(h * d..);
         let mut dqh = out.slice_mut(h * d..);
-        gemm_batched::<T, _, _, _>(
+        gemm_batched::<T, T, _, _, _>(
             dev,
             (dims.b, s, d, s),
             1.0,
@@ -319,7 +310,7 @@ where
         )?;
         let qh = qv.slice(h * d..);
         let mut dkh = out.slice_mut(n + h * d..);
-        gemm_batched::<T, _, _, _>(
+        gemm_batched::<T, T, _, _, _>(
             dev,
             (dims.b, s, d, s),
             1.0,

@@ -35,11 +35,7 @@ fn linear_into<T: Elem>(
     bias: Option<&Tensor>,
     (m, n, k): (usize, usize, usize),
     op: &str,
-) -> Result<CudaSlice<T>>
-where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
-        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
-{
+) -> Result<CudaSlice<T>> {
     let (ws, wl) = weight.storage_and_layout();
     let w = tensor_view::<T>(&ws, wl, op)?;
     let mut y = alloc::<T>(dev, m * n)?;
@@ -67,17 +63,13 @@ fn frozen_linear_t<T: Elem>(
     xl: &Layout,
     weight: &Tensor,
     bias: Option<&Tensor>,
-) -> Result<(CudaStorage, Shape)>
-where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
-        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
-{
-    let (m, k) = xl.shape().dims2()?;
+) -> Result<(CudaStorage, Shape)> {
+    let (m, k, _) = super::as_rows(xl)?;
     let n = weight.dims()[0];
     let dev = x.device();
     let xv = view::<T>(x, xl, "frozen-linear")?;
     let y = linear_into::<T>(dev, &xv, weight, bias, (m, n, k), "frozen-linear")?;
-    Ok((storage(y, dev), Shape::from((m, n))))
+    Ok((storage(y, dev), super::with_last(xl.shape(), n)))
 }
 
 /// `x·Wᵀ + b` (frozen-linear).
@@ -111,13 +103,9 @@ fn lora_linear_t<T: Elem>(
     b: &CudaStorage,
     bl: &Layout,
     fz: &LoraFrozen<'_>,
-) -> Result<(CudaStorage, Shape)>
-where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
-        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
-{
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "lora-linear";
-    let (m, k) = xl.shape().dims2()?;
+    let (m, k, _) = super::as_rows(xl)?;
     let (r, _) = al.shape().dims2()?;
     let n = fz.weight.dims()[0];
     let dev = x.device();
@@ -149,7 +137,7 @@ where
     }
     // y += s · u·Bᵀ, accumulated by the GEMM itself (beta = 1).
     gemm::<T, _, _, _>(dev, (m, n, r), fz.scale, &u, Op::N, &bv, Op::T, 1.0, &mut y)?;
-    Ok((storage(y, dev), Shape::from((m, n))))
+    Ok((storage(y, dev), super::with_last(xl.shape(), n)))
 }
 
 /// `x·Wᵀ + b + s·((x ⊙ mask)·Aᵀ)·Bᵀ` (lora-linear).
@@ -177,11 +165,7 @@ fn lora_input_grad_t<T: Elem>(
     weight: &Tensor,
     a: &Tensor,
     mask: Option<&Tensor>,
-) -> Result<(CudaStorage, Shape)>
-where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
-        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
-{
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "lora-linear-backward";
     let (m, n) = gl.shape().dims2()?;
     let (r, k) = a.dims2()?;
@@ -670,11 +654,7 @@ fn multi_lora_linear_t<T: Elem>(
     weight: &Tensor,
     bias: Option<&Tensor>,
     stack: &super::multi_lora::LoraStack,
-) -> Result<(CudaStorage, Shape)>
-where
-    candle_core::cuda_backend::cudarc::cublas::CudaBlas:
-        candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
-{
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "multi-lora-linear";
     let (m, k) = xl.shape().dims2()?;
     let (adapters, r, _) = stack.a.dims3()?;

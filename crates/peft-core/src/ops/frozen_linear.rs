@@ -33,14 +33,14 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = x_l.shape().dims2()?;
+        let (m, k, x2_l) = super::as_rows(x_l)?;
         let n = self.out_features();
         let (w_storage, w_l) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("frozen-linear: weight is not on the CPU")
         };
         let wt_l = w_l.transpose(0, 1)?;
-        let mut out = x.matmul(w, (1, m, n, k), x_l, &wt_l)?;
+        let mut out = x.matmul(w, (1, m, n, k), &x2_l, &wt_l)?;
         if let Some(bias) = &self.bias {
             let bias = bias.to_dtype(out.dtype())?.to_vec1_any()?;
             match (&mut out, bias) {
@@ -51,7 +51,7 @@ impl CustomOp1 for FrozenLinear {
                 _ => candle_core::bail!("frozen-linear: unsupported dtype {:?}", x.dtype()),
             }
         }
-        Ok((out, Shape::from((m, n))))
+        Ok((out, super::with_last(x_l.shape(), n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -63,13 +63,10 @@ impl CustomOp1 for FrozenLinear {
         super::cuda_ops::frozen_linear(x, x_l, &self.weight, self.bias.as_ref())
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = self.out_features();
+        let g = grad.reshape((grad.elem_count() / n, n))?;
+        Ok(Some(g.matmul(&self.weight)?.reshape(x.shape())?))
     }
 }
 
@@ -116,24 +113,27 @@ pub fn frozen_linear(
             weight.shape()
         )
     }
+    if x.device().is_cpu() || x.device().is_cuda() {
+        // The op takes `(..., in)` as it is: no reshape nodes in the autograd graph.
+        return x
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenLinear {
+                weight: weight.to_dtype(x.dtype())?.detach(),
+                bias: match bias {
+                    Some(b) => Some(b.to_dtype(x.dtype())?.detach()),
+                    None => None,
+                },
+            })));
+    }
     let rows = x.elem_count() / in_features.max(1);
-    let x2 = x.reshape((rows, in_features))?.contiguous()?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out_features;
-    let y = if x.device().is_cpu() || x.device().is_cuda() {
-        x2.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenLinear {
-            weight: weight.to_dtype(x.dtype())?.detach(),
-            bias: match bias {
-                Some(b) => Some(b.to_dtype(x.dtype())?.detach()),
-                None => None,
-            },
-        })))?
-    } else {
-        let y = x2.matmul(&weight.detach().t()?)?;
-        match bias {
-            Some(b) => y.broadcast_add(&b.detach())?,
-            None => y,
-        }
+    let y = x
+        .reshape((rows, in_features))?
+        .matmul(&weight.detach().t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
     };
     y.reshape(out_dims)
 }

@@ -70,14 +70,14 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
+        let (m, k, x2l) = super::as_rows(xl)?;
         let (r, _) = al.shape().dims2()?;
         let n = self.weight.dims()[0];
         let (ws, wl) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*ws else {
             candle_core::bail!("lora-linear: weight is not on the CPU")
         };
-        let mut y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let mut y = x.matmul(w, (1, m, n, k), &x2l, &wl.transpose(0, 1)?)?;
         if let Some(bias) = &self.bias {
             let bias: Vec<f32> = bias.to_dtype(candle_core::DType::F32)?.to_vec1()?;
             let CpuStorage::F32(yv) = &mut y else {
@@ -101,7 +101,7 @@ impl CustomOp3 for LoraLinear {
                     &al.transpose(0, 1)?,
                 )?
             }
-            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?,
+            None => x.matmul(a, (1, m, r, k), &x2l, &al.transpose(0, 1)?)?,
         };
         let d = u.matmul(
             b,
@@ -110,7 +110,7 @@ impl CustomOp3 for LoraLinear {
             &bl.transpose(0, 1)?,
         )?;
         add_scaled(&mut y, &d, self.scale)?;
-        Ok((y, Shape::from((m, n))))
+        Ok((y, super::with_last(xl.shape(), n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -140,24 +140,30 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
+        // Everything as `rows × features` (views; no graph is built in the backward).
+        let n = g.dim(candle_core::D::Minus1)?;
+        let k = x.dim(candle_core::D::Minus1)?;
+        let g = g.contiguous()?.reshape(((), n))?;
+        let x2 = x.reshape(((), k))?;
         let s = self.scale as f64;
         let xd = match &self.mask {
-            Some(mask) => x.mul(mask)?,
-            None => x.clone(),
+            Some(mask) => x2.mul(&mask.reshape(((), k))?)?,
+            None => x2.clone(),
         };
         let u = xd.matmul(&a.t()?)?; // rows × r, recomputed rather than kept
         let du = (g.matmul(b)? * s)?; // rows × r
         let da = du.t()?.matmul(&xd)?; // r × in
         let db = (g.t()?.matmul(&u)? * s)?; // out × r
-        let dx = g.apply_op2_no_bwd(
-            &du,
-            &LoraInputGrad {
-                weight: self.weight.clone(),
-                a: a.detach(),
-                mask: self.mask.clone(),
-            },
-        )?;
+        let dx = g
+            .apply_op2_no_bwd(
+                &du,
+                &LoraInputGrad {
+                    weight: self.weight.clone(),
+                    a: a.detach(),
+                    mask: self.mask.clone(),
+                },
+            )?
+            .reshape(x.shape())?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -218,7 +224,7 @@ impl CustomOp2 for LoraInputGrad {
     }
 }
 
-/// `x·Wᵀ + b + s·((x ⊙ m)·Aᵀ)·Bᵀ` for `x` of shape `(rows, in)`, differentiable in `x`, `A` and
+/// `x·Wᵀ + b + s·((x ⊙ m)·Aᵀ)·Bᵀ` for `x` of shape `(..., in)`, differentiable in `x`, `A` and
 /// `B` only. `A` and `B` are cast to `x`'s dtype (their gradients flow back in their own). Runs
 /// the fused op where the kernels exist (f32 CPU; f32/bf16 CUDA), else the reference.
 pub fn lora_linear(
@@ -227,7 +233,7 @@ pub fn lora_linear(
     bias: Option<&Tensor>,
     branch: &LoraBranch<'_>,
 ) -> candle_core::Result<Tensor> {
-    let (rows, in_features) = x.dims2()?;
+    let in_features = x.dim(candle_core::D::Minus1)?;
     let (out_features, w_in) = weight.dims2()?;
     let (r, a_in) = branch.a.dims2()?;
     let (b_out, b_r) = branch.b.dims2()?;
@@ -241,7 +247,7 @@ pub fn lora_linear(
         )
     }
     if let Some(mask) = branch.mask {
-        if mask.dims() != [rows, in_features] {
+        if mask.dims() != x.dims() {
             candle_core::bail!("lora-linear: mask {:?} is not shaped like x", mask.shape())
         }
     }
@@ -250,9 +256,7 @@ pub fn lora_linear(
     }
     let dtype = x.dtype();
     let a = branch.a.to_dtype(dtype)?.contiguous()?;
-    // The scale is folded into B before the cast, so that it is applied exactly (in the f32 of a
-    // trainable B) rather than as a bf16 GEMM alpha; dB flows back through the product.
-    let b = (branch.b * branch.scale)?.to_dtype(dtype)?.contiguous()?;
+    let b = branch.b.to_dtype(dtype)?.contiguous()?;
     let op = LoraLinear {
         weight: weight.to_dtype(dtype)?.contiguous()?.detach(),
         bias: match bias {
@@ -263,7 +267,7 @@ pub fn lora_linear(
             Some(m) => Some(m.to_dtype(dtype)?.contiguous()?.detach()),
             None => None,
         },
-        scale: 1.0,
+        scale: branch.scale as f32,
     };
     x.contiguous()?
         .apply_op3_arc(&a, &b, std::sync::Arc::new(Box::new(op)))
@@ -277,7 +281,7 @@ pub fn lora_linear_reference(
     branch: &LoraBranch<'_>,
 ) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let mut y = x.matmul(&weight.detach().to_dtype(dtype)?.t()?)?;
+    let mut y = x.broadcast_matmul(&weight.detach().to_dtype(dtype)?.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(&b.detach().to_dtype(dtype)?)?;
     }
@@ -285,8 +289,8 @@ pub fn lora_linear_reference(
         Some(m) => x.mul(&m.detach().to_dtype(dtype)?)?,
         None => x.clone(),
     };
-    let u = xd.matmul(&branch.a.to_dtype(dtype)?.t()?)?;
-    let d = u.matmul(&branch.b.to_dtype(dtype)?.t()?)?;
+    let u = xd.broadcast_matmul(&branch.a.to_dtype(dtype)?.t()?)?;
+    let d = u.broadcast_matmul(&branch.b.to_dtype(dtype)?.t()?)?;
     y + (d * branch.scale)?
 }
 
@@ -351,6 +355,32 @@ mod tests {
                 let t = g_ours.get_id(*id).expect("listed");
                 assert_ne!(t.dims(), w.dims(), "a weight-sized gradient exists");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batched_input_is_the_same_as_rows() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 6), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (5, 6), &dev)?;
+        let a = Var::randn(0f32, 0.5, (2, 6), &dev)?;
+        let b = Var::randn(0f32, 0.5, (5, 2), &dev)?;
+        let mask = dropout_mask(3, 0.7, x.shape(), DType::F32, &dev)?;
+        let branch = LoraBranch {
+            a: a.as_tensor(),
+            b: b.as_tensor(),
+            scale: 0.5,
+            mask: Some(&mask),
+        };
+        let y = lora_linear(x.as_tensor(), &w, None, &branch)?;
+        assert_eq!(y.dims(), [2, 3, 5]);
+        let reference = lora_linear_reference(x.as_tensor(), &w, None, &branch)?;
+        assert!(max_diff(&y, &reference) < 1e-5);
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let r = reference.sqr()?.sum_all()?.backward()?;
+        for v in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            assert!(max_diff(g.get(v).expect("grad"), r.get(v).expect("grad")) < 1e-4);
         }
         Ok(())
     }

@@ -47,3 +47,27 @@ fn fused_kernels(x: &candle_core::Tensor) -> bool {
         _ => false,
     }
 }
+
+/// `(rows, last)` of a contiguous layout of any rank, and the same memory as a 2-D layout: the
+/// linear ops take `(..., in)` inputs without reshape nodes in the autograd graph.
+fn as_rows(l: &candle_core::Layout) -> candle_core::Result<(usize, usize, candle_core::Layout)> {
+    let last = *l.dims().last().unwrap_or(&1);
+    let rows = l.shape().elem_count() / last.max(1);
+    if !l.is_contiguous() {
+        candle_core::bail!("linear op: input must be contiguous")
+    }
+    Ok((
+        rows,
+        last,
+        candle_core::Layout::contiguous_with_offset((rows, last), l.start_offset()),
+    ))
+}
+
+/// `shape` with its last dimension replaced by `n`.
+fn with_last(shape: &candle_core::Shape, n: usize) -> candle_core::Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    candle_core::Shape::from(dims)
+}

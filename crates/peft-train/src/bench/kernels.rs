@@ -555,6 +555,8 @@ pub fn linear_cases(
                     mask: None,
                 };
                 let xd = x.as_tensor().detach();
+                let gd = t(&[m, n], 1.0).and_then(|g| g.detach().contiguous());
+                let gd = ctx("inputs", || gd)?;
                 time_steps(device, warmup, steps, || {
                     let y = match method {
                         "frozen" => frozen_linear(x.as_tensor(), &w, None),
@@ -562,6 +564,8 @@ pub fn linear_cases(
                         "lora_unfused" => lora_linear_reference(x.as_tensor(), &w, None, &branch),
                         // Forward only, no autograd: candle's matmul and the frozen-linear op.
                         "matmul_fwd" => w.t().and_then(|wt| xd.matmul(&wt)),
+                        // The frozen linear's backward GEMM alone: dx = g·W.
+                        "dx_matmul" => gd.matmul(&w),
                         _ => frozen_linear(&xd, &w, None),
                     };
                     let y = ctx("forward", || y)?;
