@@ -53,7 +53,13 @@ fn main() -> anyhow::Result<()> {
         unfreeze: vec![],
         seed: 42,
     };
-    let model = bert_token_classifier(&files, plan, labels.len(), &Device::Cpu)?;
+    let model = bert_token_classifier(
+        &files,
+        plan,
+        labels.len(),
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )?;
     let collator = Collator::new(aligner.pad_id());
     let batcher = Batcher::new(train.iter().map(|e| e.len()).collect(), 32, 42)?;
     let task = TokenClassification::new(

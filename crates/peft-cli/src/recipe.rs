@@ -39,6 +39,13 @@ pub struct ModelSection {
     /// `cpu` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `f32`, or `bf16`: frozen weights and activations in bf16, trainable weights in f32.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
 }
 
 fn default_device() -> String {

@@ -30,6 +30,19 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Parses the compute dtype of a model: `f32`, or `bf16` (mixed precision: frozen weights and
+/// activations in bf16, trainable weights and optimizer state in f32).
+pub fn parse_dtype(name: &str) -> Result<candle_core::DType> {
+    match name.trim() {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        other => Err(PeftError::Config {
+            key: "model.dtype".into(),
+            message: format!("unknown dtype `{other}` (expected `f32` or `bf16`)"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +53,8 @@ mod tests {
         let err = parse_device("tpu").unwrap_err().to_string();
         assert!(err.contains("model.device") && err.contains("tpu"), "{err}");
         assert!(parse_device("cuda:x").is_err());
+        assert_eq!(parse_dtype("bf16").unwrap(), candle_core::DType::BF16);
+        let err = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(err.contains("model.dtype") && err.contains("fp8"), "{err}");
     }
 }

@@ -19,15 +19,17 @@ pub fn read_bert_config(files: &ModelFiles) -> Result<BertConfig> {
 }
 
 /// Builds `BertForTokenClassification` with `num_labels` outputs from the model's checkpoint,
-/// applying `plan` (f32 weights on `device`).
+/// applying `plan`, on `device`. Frozen weights and activations are in `dtype` (f32, or bf16 for
+/// mixed precision); trainable weights, and so the adapter file and optimizer state, stay f32.
 pub fn bert_token_classifier(
     files: &ModelFiles,
     plan: TuningPlan,
     num_labels: usize,
     device: &Device,
+    dtype: DType,
 ) -> Result<BertForTokenClassification> {
     let cfg = read_bert_config(files)?;
     let weights = WeightSource::from_safetensors(&files.weights)?;
-    let builder = ModelBuilder::new(weights, plan, DType::F32, device.clone())?;
+    let builder = ModelBuilder::new(weights, plan, dtype, device.clone())?;
     BertForTokenClassification::new(&cfg, num_labels, builder)
 }

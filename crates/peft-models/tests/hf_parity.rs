@@ -94,7 +94,8 @@ fn check_peft_adapter(dir: &str, logits_file: &str) {
         unfreeze: vec![],
         seed: 0,
     };
-    let model = bert_token_classifier(&files, plan, 9, &Device::Cpu).unwrap();
+    let model =
+        bert_token_classifier(&files, plan, 9, &Device::Cpu, candle_core::DType::F32).unwrap();
     adapter_io::load_weights(&dir, &model.parts.params).unwrap();
     let f = load(logits_file);
     let (ids, tt, mask) = inputs(&f);

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use peft_core::adapter_io::{self, AdapterMeta};
 use peft_core::TuningPlan;
 use peft_data::{read_conll, AlignOptions, Aligner, EncodedSplit, LabelSet, Sentence, TagScheme};
@@ -156,7 +156,7 @@ pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Resu
         unfreeze: vec![],
         seed: 0,
     };
-    let model = bert_token_classifier(&files, plan, labels.len(), device)?;
+    let model = bert_token_classifier(&files, plan, labels.len(), device, DType::F32)?;
     adapter_io::check_fingerprint(dir, &meta, &model.parts)?;
     adapter_io::load_weights(dir, &model.parts.params)?;
     Ok(NerModel {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use peft_core::adapter_io::{self, AdapterMeta};
-use peft_core::device::parse_device;
+use peft_core::device::{parse_device, parse_dtype};
 use peft_core::TuningPlan;
 use peft_data::{AlignOptions, Batcher, Collator, LabelSet};
 use peft_models::{bert_token_classifier, resolve_model};
@@ -24,6 +24,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let recipe = Recipe::load(recipe_path, overrides)?;
     let TaskKind::TokenClassification = recipe.task.kind;
     let device = parse_device(&recipe.model.device)?;
+    let dtype = parse_dtype(&recipe.model.dtype)?;
     let files = resolve_model(&recipe.model.name)?;
     let options = AlignOptions {
         label_all_subtokens: recipe.task.label_all_subtokens,
@@ -59,7 +60,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         unfreeze: recipe.tuning.unfreeze.clone(),
         seed: recipe.train.seed,
     };
-    let model = bert_token_classifier(&files, plan, labels.len(), &device)?;
+    let model = bert_token_classifier(&files, plan, labels.len(), &device, dtype)?;
     let trainable = model.parts.params.num_elements();
     tracing::info!(
         "model {}: {} adapted linears, {trainable} trainable parameters",

@@ -152,10 +152,15 @@ pub fn masked_softmax(
     } else {
         let scores = (scores * scale)?;
         let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.detach().reshape((batch, 1, 1, keys))?)?,
+            Some(m) => scores.broadcast_add(
+                &m.detach()
+                    .to_dtype(scores.dtype())?
+                    .reshape((batch, 1, 1, keys))?,
+            )?,
             None => scores.clone(),
         };
-        candle_nn::ops::softmax_last_dim(&scores)
+        // candle_nn's fused `softmax_last_dim` has no backward: the composite one does.
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)
     }
 }
 

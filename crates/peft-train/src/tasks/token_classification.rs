@@ -50,7 +50,13 @@ pub fn batch_tensors(
 /// Mean cross-entropy over the positions whose label is not −100, and their count.
 pub fn masked_cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
     let classes = candle("logits", logits.dim(D::Minus1))?;
-    let flat = candle("logits", logits.reshape(((), classes)))?;
+    // The loss is computed in f32 whatever the model's compute dtype.
+    let flat = candle(
+        "logits",
+        logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.reshape(((), classes))),
+    )?;
     let (rows, targets): (Vec<u32>, Vec<u32>) = labels
         .iter()
         .enumerate()
