@@ -539,6 +539,7 @@ pub fn linear_cases(
             "lora_unfused",
             "matmul_fwd",
             "frozen_fwd",
+            "dx_matmul",
         ] {
             let measured = (|| -> Result<Vec<f64>> {
                 let t = |shape: &[usize], std: f32| -> candle_core::Result<Tensor> {
