@@ -40,7 +40,8 @@ Setup (exactly; the Rust side emits the same JSON schema and should run the same
               p90 (linear interpolation) in ms; tokens_per_s = batch * seq / median (linear: M / median)
   memory      peak_bytes = torch.cuda.max_memory_allocated() over the case, after the previous case was
               freed (gc + empty_cache) and reset_peak_memory_stats(): weights, gradients, optimizer
-              state, activations and inputs; null on CPU
+              state, activations and inputs; on the CPU the process's peak RSS over the case (reset
+              through /proc/self/clear_refs, as `peft-rs bench` does)
   params      trainable_params: parameters with requires_grad in the trained model (peft counts the
               classifier copy in modules_to_save); null for infer; linear: 0 (frozen) or r*(K+N)
 
@@ -136,27 +137,52 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
 
 
 def peak_bytes(device: torch.device):
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    """CUDA: the allocator's peak; CPU: the process's peak RSS since `reset_peak` (Linux)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Resets the peak RSS to the current RSS (Linux >= 4.0), as `peft-rs bench` does."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def bert_config(small: bool) -> BertConfig:
-    if small:
+def bert_config(model: str) -> BertConfig:
+    """BERT shapes by name, as `peft-rs bench --model` (crates/peft-train/src/bench/mod.rs)."""
+    if model == "tiny":
         return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          num_labels=NUM_LABELS)
+    if model == "minilm":  # all-MiniLM-L6-v2's shape
+        return BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                           num_labels=NUM_LABELS)
     return BertConfig(num_labels=NUM_LABELS)
 
 
-_BASE_CACHE: dict[bool, torch.nn.Module] = {}
+_BASE_CACHE: dict[str, torch.nn.Module] = {}
 
 
-def base_model(small: bool) -> torch.nn.Module:
+def base_model(small: str) -> torch.nn.Module:
     """A fresh copy of the seed-0 randomly initialised CPU model (initialised once, then deep-copied)."""
     if small not in _BASE_CACHE:
         torch.manual_seed(0)
@@ -194,7 +220,7 @@ def fill_timing(res: dict, times: list[float], tokens: int) -> None:
 
 # ----------------------------------------------------------------------------- cases
 def train_case(res: dict, args, device: torch.device, seq: int) -> None:
-    plain = base_model(args.small)
+    plain = base_model(args.model)
     cfg = plain.config
     method = res["method"]
     if method == "full":
@@ -229,7 +255,7 @@ def train_case(res: dict, args, device: torch.device, seq: int) -> None:
     res["peak_bytes"] = peak_bytes(device)
 
 
-def lora_unmerged_model(small: bool) -> torch.nn.Module:
+def lora_unmerged_model(small: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = get_peft_model(base_model(small), lora_config(["query", "value"]))
     g = torch.Generator().manual_seed(1)
@@ -242,7 +268,7 @@ def lora_unmerged_model(small: bool) -> torch.nn.Module:
 
 def infer_case(res: dict, args, device: torch.device, seq: int) -> None:
     method = res["method"]
-    model = base_model(args.small) if method == "base" else lora_unmerged_model(args.small)
+    model = base_model(args.model) if method == "base" else lora_unmerged_model(args.model)
     cfg = model.config
     model.to(device)
     model.eval()
@@ -326,9 +352,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="autocast dtype for train/infer")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny BERT and linear shapes, for a CPU smoke test")
+    ap.add_argument("--model", choices=["bert-base", "minilm", "tiny"], default=None,
+                    help="BERT shape (default bert-base; --small: tiny)")
+    ap.add_argument("--methods", default=None,
+                    help="comma list restricting train methods / infer variants (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=REPO / "benches/compare/results/peft_gpu_bench.json")
     args = ap.parse_args()
 
+    if args.model is None:
+        args.model = "tiny" if args.small else "bert-base"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = set(m.strip() for m in args.methods.split(",")) if args.methods else None
     kinds = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = set(kinds) - {"train", "infer", "linear"}
     if bad:
@@ -345,7 +381,8 @@ def main() -> None:
     out = dict(
         tool="python-peft",
         env=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                 device_name=device_name(device), cuda=torch.version.cuda, dtype=args.dtype),
+                 device_name=device_name(device), cuda=torch.version.cuda, dtype=args.dtype,
+                 model=args.model, threads=torch.get_num_threads()),
         cases=[],
     )
     print(f"# torch {torch.__version__} (cuda {torch.version.cuda}), transformers {transformers.__version__}, "
@@ -356,10 +393,10 @@ def main() -> None:
     plan = []
     if "train" in kinds:
         plan += [(result("train", f"train/{m}/seq{s}", m, args.batch, s), train_case, s)
-                 for m in ("full", "lora-qv", "lora-all") for s in seqs]
+                 for m in ("full", "lora-qv", "lora-all") for s in seqs if not wanted or m in wanted]
     if "infer" in kinds:
         plan += [(result("infer", f"infer/{m}/seq{s}", m, args.batch, s), infer_case, s)
-                 for m in ("base", "lora-unmerged", "lora-merged") for s in seqs]
+                 for m in ("base", "lora-unmerged", "lora-merged") for s in seqs if not wanted or m in wanted]
     if "linear" in kinds:
         for shape in LINEAR_SHAPES_SMALL if args.small else LINEAR_SHAPES:
             tag = "{}x{}x{}r{}".format(*shape)

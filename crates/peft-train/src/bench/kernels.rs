@@ -16,7 +16,7 @@ use peft_core::ops::{
 };
 use serde::Serialize;
 
-use super::{ctx, percentiles, time_steps, CaseResult};
+use super::{ctx, time_steps, CaseResult};
 use crate::error::Result;
 
 /// One correctness check.
@@ -408,29 +408,9 @@ pub fn multi_adapter_cases(
                     Ok(())
                 })
             })();
-            let mut c = CaseResult {
-                kind: "multi_adapter".into(),
-                name: format!("multi_adapter/{method}/{m}x{k}x{n}r{r}x{adapters}"),
-                method: method.into(),
-                batch: None,
-                seq: None,
-                shape: Some([m, k, n, r]),
-                median_ms: f64::NAN,
-                p10_ms: f64::NAN,
-                p90_ms: f64::NAN,
-                tokens_per_s: f64::NAN,
-                peak_bytes: None,
-                trainable_params: None,
-                error: None,
-                phases_ms: None,
-            };
-            match measured {
-                Ok(mut times) => {
-                    (c.median_ms, c.p10_ms, c.p90_ms) = percentiles(&mut times);
-                    c.tokens_per_s = m as f64 / (c.median_ms / 1e3);
-                }
-                Err(e) => c.error = Some(e.to_string()),
-            }
+            let name = format!("multi_adapter/{method}/{m}x{k}x{n}r{r}x{adapters}");
+            let c =
+                CaseResult::from_rows("multi_adapter", name, method, [m, k, n, r], None, measured);
             out.push(c);
         }
     }
@@ -576,29 +556,14 @@ pub fn linear_cases(
                     Ok(())
                 })
             })();
-            let mut c = CaseResult {
-                kind: "linear".into(),
-                name: format!("linear/{method}/{m}x{k}x{n}r{r}"),
-                method: method.into(),
-                batch: None,
-                seq: None,
-                shape: Some([m, k, n, r]),
-                median_ms: f64::NAN,
-                p10_ms: f64::NAN,
-                p90_ms: f64::NAN,
-                tokens_per_s: f64::NAN,
-                peak_bytes: None,
-                trainable_params: Some(if method == "frozen" { 0 } else { r * (k + n) }),
-                error: None,
-                phases_ms: None,
-            };
-            match measured {
-                Ok(mut times) => {
-                    (c.median_ms, c.p10_ms, c.p90_ms) = percentiles(&mut times);
-                    c.tokens_per_s = m as f64 / (c.median_ms / 1e3);
-                }
-                Err(e) => c.error = Some(e.to_string()),
-            }
+            let name = format!("linear/{method}/{m}x{k}x{n}r{r}");
+            let trainable = Some(if method.starts_with("lora") {
+                r * (k + n)
+            } else {
+                0
+            });
+            let c =
+                CaseResult::from_rows("linear", name, method, [m, k, n, r], trainable, measured);
             out.push(c);
         }
     }

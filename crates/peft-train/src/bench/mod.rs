@@ -192,6 +192,43 @@ pub struct CaseResult {
     pub phases_ms: Option<[f64; 3]>,
 }
 
+impl CaseResult {
+    /// A case over `shape = [rows, in, out, r]` (tokens per second = rows per second).
+    pub fn from_rows(
+        kind: &str,
+        name: String,
+        method: &str,
+        shape: [usize; 4],
+        trainable_params: Option<usize>,
+        measured: Result<Vec<f64>>,
+    ) -> Self {
+        let mut c = Self {
+            kind: kind.into(),
+            name,
+            method: method.into(),
+            batch: None,
+            seq: None,
+            shape: Some(shape),
+            median_ms: f64::NAN,
+            p10_ms: f64::NAN,
+            p90_ms: f64::NAN,
+            tokens_per_s: f64::NAN,
+            peak_bytes: None,
+            trainable_params,
+            error: None,
+            phases_ms: None,
+        };
+        match measured {
+            Ok(mut times) => {
+                (c.median_ms, c.p10_ms, c.p90_ms) = percentiles(&mut times);
+                c.tokens_per_s = shape[0] as f64 / (c.median_ms / 1e3);
+            }
+            Err(e) => c.error = Some(e.to_string()),
+        }
+        c
+    }
+}
+
 /// Median, p10 and p90 of `times` (ms).
 pub fn percentiles(times: &mut [f64]) -> (f64, f64, f64) {
     times.sort_by(|a, b| a.total_cmp(b));

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# peft-rs vs Python peft on the CPU: the same cases (random-weight BERT shapes, batch 16, seq 128,
+# f32; training steps for full fine-tuning, LoRA r=8 on query/value and on every linear; inference
+# base / LoRA unmerged / merged), the same threads, interleaved A B A B so that drift on a shared
+# machine hits both sides, then one table with the ratios (benches/compare/cpu_table.py).
+#
+#   benches/compare/cpu_compare.sh                  # REPS=2 MODELS="minilm bert-base" STEPS=5
+#   REPS=1 MODELS=minilm STEPS=3 benches/compare/cpu_compare.sh
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-benches/compare/results/cpu}"
+THREADS="${THREADS:-2}"
+STEPS="${STEPS:-5}"
+WARMUP="${WARMUP:-1}"
+REPS="${REPS:-2}"
+MODELS="${MODELS:-minilm bert-base}"
+mkdir -p "$OUT"
+cargo build --release -p peft-cli
+scripts/python-env.sh >/dev/null
+echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS"
+for rep in $(seq 1 "$REPS"); do
+  for model in $MODELS; do
+    echo "== rep $rep $model: peft-rs"
+    RAYON_NUM_THREADS="$THREADS" ./target/release/peft-rs bench --model "$model" --batch 16 --seqs 128 \
+      --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/rep$rep-$model-rust.json"
+    echo "== rep $rep $model: Python peft"
+    OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" .venv-py/bin/python \
+      benches/compare/peft_gpu_bench.py --device cpu --dtype f32 --model "$model" --threads "$THREADS" \
+      --batch 16 --seqs 128 --cases train,infer --steps "$STEPS" --warmup "$WARMUP" \
+      --out "$OUT/rep$rep-$model-python.json"
+  done
+done
+python3 benches/compare/cpu_table.py "$OUT" | tee "$OUT/table.md"
