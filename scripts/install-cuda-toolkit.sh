@@ -21,7 +21,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PREFIX="${1:-$REPO/.cuda}"
+PREFIX="$(realpath -m "${1:-$REPO/.cuda}")"  # absolute: the printed exports must work anywhere
 MODE="${2:-install}"
 PY="${PYTHON:-python3}"
 
