@@ -50,8 +50,8 @@ __device__ void add_bias_rows(T *y, const T *b, int64_t n, int cols) {
     y[i] = from_f<T>(to_f(y[i]) + to_f(b[i % cols]));
 }
 
-// Dropout keep-mask scaled by 1/keep: 1/keep with probability `keep`, else 0. Counter-based
-// (splitmix64 of seed and index), so a mask is a pure function of (seed, n): the CPU path draws
+// Dropout's keep-mask, scaled by 1/keep: 1/keep with probability `keep`, else 0. Counter-based
+// (splitmix64 of seed and index), so a mask is a pure function of (seed, index): the CPU draws
 // the same mask (crates/peft-core/src/ops/dropout.rs).
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ULL;
@@ -59,18 +59,7 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
-template <typename T>
-__device__ void dropout_mask(T *mask, int64_t n, uint64_t seed, float keep) {
-  const float scale = 1.f / keep;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const float u = (float)(splitmix64(seed ^ (uint64_t)i * 0xd1342543de82ef95ULL) >> 40) *
-                    (1.f / 16777216.f);
-    mask[i] = from_f<T>(u < keep ? scale : 0.f);
-  }
-}
-
-// y = x ⊙ mask(seed) with the mask above computed on the fly: dropout's forward, and (applied to
+// y = x ⊙ mask(seed), the mask computed on the fly: dropout's forward, and (applied to
 // the output gradient with the same seed) its backward. No mask tensor is ever stored.
 template <typename T>
 __device__ void dropout_apply(const T *x, T *y, int64_t n, uint64_t seed, float keep) {
@@ -273,9 +262,6 @@ extern "C" __global__ void adamw_p_f32(float *p, const float *m, const float *v,
 #define ENTRY(T, SFX)                                                                           \
   extern "C" __global__ void add_bias_rows_##SFX(T *y, const T *b, int64_t n, int cols) {     \
     add_bias_rows<T>(y, b, n, cols);                                                            \
-  }                                                                                             \
-  extern "C" __global__ void dropout_mask_##SFX(T *m, int64_t n, uint64_t seed, float keep) { \
-    dropout_mask<T>(m, n, seed, keep);                                                          \
   }                                                                                             \
   extern "C" __global__ void mul_##SFX(T *o, const T *a, const T *m, int64_t n) {             \
     mul<T>(o, a, m, n);                                                                         \

@@ -74,6 +74,19 @@ pub(crate) fn view<'a, T: Elem>(
     Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
+/// The contiguous device elements of a tensor held by a storage guard
+/// (`tensor.storage_and_layout()`), or an error naming `op`.
+pub(crate) fn tensor_view<'a, T: Elem>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    match s {
+        candle_core::Storage::Cuda(c) => view::<T>(c, l, op),
+        _ => candle_core::bail!("{op}: an operand is not on the CUDA device"),
+    }
+}
+
 /// An uninitialised device buffer of `n` elements.
 pub(crate) fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // Safety: every caller writes all `n` elements (a kernel or a GEMM with beta = 0) first.

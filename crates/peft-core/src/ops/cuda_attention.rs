@@ -7,10 +7,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
+use super::cuda_ops::{launch_dropout, launch_masked_softmax};
 use crate::cuda::{
-    alloc, elementwise_cfg, gemm_batched, launch, rows_cfg, storage, view, Elem, Op, Strided,
+    alloc, gemm_batched, launch, rows_cfg, storage, tensor_view, view, Elem, Op, Strided,
 };
 
 /// The op's settings.
@@ -61,13 +62,6 @@ impl Dims {
     }
 }
 
-fn tensor_view<'a, T: Elem>(s: &'a Storage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
-    match s {
-        Storage::Cuda(c) => view::<T>(c, l, op),
-        _ => candle_core::bail!("{op}: an operand is not on the CUDA device"),
-    }
-}
-
 /// Probabilities `softmax(scale·Q·Kᵀ + mask)` (and their dropped-out copy when dropout is on).
 fn probabilities<T: Elem>(
     dev: &CudaDevice,
@@ -76,7 +70,6 @@ fn probabilities<T: Elem>(
     q: &CudaView<'_, T>,
     k: &CudaView<'_, T>,
 ) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
-    const OP: &str = "attention";
     let (s, d, hs) = (dims.s, dims.d, dims.s * dims.s);
     // Scores in f32 (bf16 inputs, f32 accumulation and output), as FlashAttention keeps them.
     let mut scores = alloc::<f32>(dev, dims.score_len())?;
@@ -95,58 +88,20 @@ fn probabilities<T: Elem>(
         )?;
     }
     let mut probs = alloc::<T>(dev, dims.score_len())?;
-    let rows = dims.b * dims.heads * s;
-    let (keys, rpb) = (s as i32, (dims.heads * s) as i32);
-    match p.mask {
-        Some(mask) => {
-            let (ms, ml) = mask.storage_and_layout();
-            let mv = tensor_view::<f32>(&ms, ml, OP)?;
-            launch!(
-                dev,
-                T,
-                "masked_softmax_from_f32",
-                rows_cfg(rows, s),
-                &scores,
-                &mv,
-                &mut probs,
-                &keys,
-                &rpb,
-                &p.scale
-            )?;
-        }
-        None => {
-            let null: u64 = 0;
-            launch!(
-                dev,
-                T,
-                "masked_softmax_from_f32",
-                rows_cfg(rows, s),
-                &scores,
-                &null,
-                &mut probs,
-                &keys,
-                &rpb,
-                &p.scale
-            )?;
-        }
-    }
+    launch_masked_softmax::<T, f32>(
+        dev,
+        "masked_softmax_from_f32",
+        &scores.slice(..),
+        p.mask,
+        &mut probs,
+        (dims.b * dims.heads * s, s, dims.heads * s),
+        p.scale,
+    )?;
     drop(scores);
     let dropped = match p.dropout {
-        Some((seed, keep)) => {
-            let n = dims.score_len();
-            let mut out = alloc::<T>(dev, n)?;
-            let total = n as i64;
-            launch!(
-                dev,
-                T,
-                "dropout_apply",
-                elementwise_cfg(n),
-                &probs,
-                &mut out,
-                &total,
-                &seed,
-                &keep
-            )?;
+        Some(seeded) => {
+            let mut out = alloc::<T>(dev, dims.score_len())?;
+            launch_dropout::<T>(dev, &probs.slice(..), &mut out, dims.score_len(), seeded)?;
             Some(out)
         }
         None => None,
@@ -260,21 +215,10 @@ fn backward_t<T: Elem>(
             (&mut dph, s, dims.heads * hs),
         )?;
     }
-    let total = dims.score_len() as i64;
     let dp = match p.dropout {
-        Some((seed, keep)) => {
+        Some(seeded) => {
             let mut undropped = alloc::<f32>(dev, dims.score_len())?;
-            launch!(
-                dev,
-                f32,
-                "dropout_apply",
-                elementwise_cfg(dims.score_len()),
-                &dp,
-                &mut undropped,
-                &total,
-                &seed,
-                &keep
-            )?;
+            launch_dropout::<f32>(dev, &dp.slice(..), &mut undropped, dims.score_len(), seeded)?;
             undropped
         }
         None => dp,

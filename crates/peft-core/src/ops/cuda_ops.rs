@@ -4,17 +4,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-use crate::cuda::{alloc, elementwise_cfg, gemm, launch, rows_cfg, storage, view, Elem, Op};
-
-/// The contiguous device elements of a tensor held by a storage guard.
-fn tensor_view<'a, T: Elem>(s: &'a Storage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
-    match s {
-        Storage::Cuda(c) => view::<T>(c, l, op),
-        _ => candle_core::bail!("{op}: an operand is not on the CUDA device"),
-    }
-}
+use crate::cuda::{
+    alloc, elementwise_cfg, gemm, launch, rows_cfg, storage, tensor_view, view, Elem, Op,
+};
 
 /// Calls `$f::<T>(..)` for the storage's dtype (f32 or bf16).
 macro_rules! dispatch {
@@ -361,6 +355,54 @@ pub(crate) fn layer_norm_bwd(
     )
 }
 
+/// Launches `kernel` (`masked_softmax`, or `masked_softmax_from_f32` for f32 scores) over `rows`
+/// rows of `keys` scores from `x` into `y`, adding the f32 `(batch, keys)` mask if there is one.
+pub(super) fn launch_masked_softmax<T: Elem, TX: Elem>(
+    dev: &CudaDevice,
+    kernel: &str,
+    x: &CudaView<'_, TX>,
+    mask: Option<&Tensor>,
+    y: &mut CudaSlice<T>,
+    (rows, keys, rows_per_batch): (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let (kk, rpb) = (keys as i32, rows_per_batch as i32);
+    let cfg = rows_cfg(rows, keys);
+    match mask {
+        Some(mask) => {
+            let (ms, ml) = mask.storage_and_layout();
+            let mv = tensor_view::<f32>(&ms, ml, kernel)?;
+            launch!(dev, T, kernel, cfg, x, &mv, y, &kk, &rpb, &scale)
+        }
+        None => {
+            let null: u64 = 0;
+            launch!(dev, T, kernel, cfg, x, &null, y, &kk, &rpb, &scale)
+        }
+    }
+}
+
+/// Launches `dropout_apply` for element type `T`: `y = x ⊙ mask(seed)` over `n` elements.
+pub(super) fn launch_dropout<T: Elem>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    y: &mut CudaSlice<T>,
+    n: usize,
+    (seed, keep): (u64, f32),
+) -> Result<()> {
+    let total = n as i64;
+    launch!(
+        dev,
+        T,
+        "dropout_apply",
+        elementwise_cfg(n),
+        x,
+        y,
+        &total,
+        &seed,
+        &keep
+    )
+}
+
 fn masked_softmax_t<T: Elem>(
     x: &CudaStorage,
     xl: &Layout,
@@ -374,41 +416,15 @@ fn masked_softmax_t<T: Elem>(
     let rows = xl.shape().elem_count() / keys.max(1);
     let xv = view::<T>(x, xl, OP)?;
     let mut y = alloc::<T>(dev, rows * keys)?;
-    let (kk, rpb) = (keys as i32, rows_per_batch as i32);
-    let cfg = rows_cfg(rows, keys);
-    match mask {
-        Some(mask) => {
-            let (ms, ml) = mask.storage_and_layout();
-            let mv = tensor_view::<f32>(&ms, ml, OP)?;
-            launch!(
-                dev,
-                T,
-                "masked_softmax",
-                cfg,
-                &xv,
-                &mv,
-                &mut y,
-                &kk,
-                &rpb,
-                &scale
-            )?;
-        }
-        None => {
-            let null: u64 = 0;
-            launch!(
-                dev,
-                T,
-                "masked_softmax",
-                cfg,
-                &xv,
-                &null,
-                &mut y,
-                &kk,
-                &rpb,
-                &scale
-            )?;
-        }
-    }
+    launch_masked_softmax::<T, T>(
+        dev,
+        "masked_softmax",
+        &xv,
+        mask,
+        &mut y,
+        (rows, keys, rows_per_batch),
+        scale,
+    )?;
     Ok((storage(y, dev), xl.shape().clone()))
 }
 
@@ -481,18 +497,7 @@ fn dropout_apply_t<T: Elem>(
     let xv = view::<T>(x, xl, "dropout")?;
     let n = xl.shape().elem_count();
     let mut y = alloc::<T>(dev, n)?;
-    let total = n as i64;
-    launch!(
-        dev,
-        T,
-        "dropout_apply",
-        elementwise_cfg(n),
-        &xv,
-        &mut y,
-        &total,
-        &seed,
-        &keep
-    )?;
+    launch_dropout::<T>(dev, &xv, &mut y, n, (seed, keep))?;
     Ok((storage(y, dev), xl.shape().clone()))
 }
 
@@ -607,42 +612,6 @@ pub mod adamw {
             &nss
         )
     }
-}
-
-fn dropout_mask_t<T: Elem>(
-    dev: &CudaDevice,
-    seed: u64,
-    keep: f32,
-    shape: &Shape,
-) -> Result<(CudaStorage, Shape)> {
-    let n = shape.elem_count();
-    let mut m = alloc::<T>(dev, n)?;
-    let total = n as i64;
-    launch!(
-        dev,
-        T,
-        "dropout_mask",
-        elementwise_cfg(n),
-        &mut m,
-        &total,
-        &seed,
-        &keep
-    )?;
-    Ok((storage(m, dev), shape.clone()))
-}
-
-/// The scaled dropout keep-mask shaped like `like`, drawn on the device (the CPU's values).
-pub(crate) fn dropout_mask(
-    like: &CudaStorage,
-    like_l: &Layout,
-    seed: u64,
-    keep: f32,
-) -> Result<(CudaStorage, Shape)> {
-    dispatch!(
-        like.dtype(),
-        "dropout",
-        dropout_mask_t(like.device(), seed, keep, like_l.shape())
-    )
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -2,7 +2,7 @@
 //!
 //! Each call draws one 64-bit seed from the stream and derives the keep-mask from it with a
 //! counter-based generator (splitmix64 of seed and element index), so a mask is a pure function
-//! of (seed, element count) and the CPU and the CUDA kernel (`dropout_mask` in
+//! of (seed, element index) and the CPU and the CUDA kernel (`dropout_apply` in
 //! kernels/peft_ops.cu) draw exactly the same one.
 
 use std::sync::{Arc, Mutex};
@@ -50,7 +50,8 @@ fn mask_value(seed: u64, i: u64, keep: f32) -> f32 {
     }
 }
 
-/// The dropout mask for `seed` with `shape`, computed where `device` is.
+/// The dropout mask for `seed` with `shape`, computed where `device` is: the dropout op applied to
+/// ones, so that a mask and the op that applies one never disagree.
 pub fn dropout_mask(
     seed: u64,
     keep: f32,
@@ -58,47 +59,14 @@ pub fn dropout_mask(
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    if device.is_cuda() {
-        // The op draws the mask from its input's shape and dtype alone.
-        return Tensor::zeros(shape, dtype, device)?
-            .apply_op1_no_bwd(&DropoutMaskOp { seed, keep });
+    let op = DropoutOp { seed, keep };
+    if super::fused_for(dtype, device) {
+        return Tensor::ones(shape, dtype, device)?.apply_op1_no_bwd(&op);
     }
-    let n = shape.elem_count();
-    let mask: Vec<f32> = (0..n as u64).map(|i| mask_value(seed, i, keep)).collect();
-    Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)
-}
-
-/// Maps a tensor to a fresh dropout mask of its shape and dtype (its values are not read).
-struct DropoutMaskOp {
-    seed: u64,
-    keep: f32,
-}
-
-impl candle_core::CustomOp1 for DropoutMaskOp {
-    fn name(&self) -> &'static str {
-        "dropout-mask"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        let n = l.shape().elem_count() as u64;
-        let mask = (0..n)
-            .map(|i| mask_value(self.seed, i, self.keep))
-            .collect();
-        Ok((candle_core::CpuStorage::F32(mask), l.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::ops::cuda_ops::dropout_mask(s, l, self.seed, self.keep)
-    }
+    Tensor::ones(shape, DType::F32, &Device::Cpu)?
+        .apply_op1_no_bwd(&op)?
+        .to_dtype(dtype)?
+        .to_device(device)
 }
 
 /// A dropout layer: identity at evaluation, `x · mask / (1 − p)` in training.
@@ -122,11 +90,9 @@ impl Dropout {
     /// The next scaled keep-mask for a tensor like `x`, or `None` when dropout is off (`!train`
     /// or `p = 0`).
     pub fn mask_for(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        if !train || self.p <= 0.0 {
-            return Ok(None);
-        }
-        let seed = self.rng.next_seed();
-        dropout_mask(seed, 1.0 - self.p, x.shape(), x.dtype(), x.device()).map(Some)
+        self.next_seed(train)
+            .map(|(seed, keep)| dropout_mask(seed, keep, x.shape(), x.dtype(), x.device()))
+            .transpose()
     }
 
     /// The `(seed, keep probability)` of the next mask, or `None` when dropout is off (`!train`

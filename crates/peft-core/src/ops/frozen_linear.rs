@@ -27,31 +27,43 @@ fn add_bias_rows<T: Copy + std::ops::Add<Output = T>>(out: &mut [T], bias: &[T])
     }
 }
 
+/// `x·Wᵀ + b` on the CPU for `x` of shape `(..., in)` (contiguous), as a `rows × out` storage:
+/// the base of every linear op's CPU implementation. `op` names the caller in errors.
+pub(super) fn cpu_linear(
+    x: &CpuStorage,
+    x_l: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    op: &str,
+) -> candle_core::Result<CpuStorage> {
+    let (m, k, x2_l) = super::as_rows(x_l)?;
+    let n = weight.dims()[0];
+    let (w_storage, w_l) = weight.storage_and_layout();
+    let Storage::Cpu(w) = &*w_storage else {
+        candle_core::bail!("{op}: weight is not on the CPU")
+    };
+    let mut out = x.matmul(w, (1, m, n, k), &x2_l, &w_l.transpose(0, 1)?)?;
+    if let Some(bias) = bias {
+        let bias = bias.to_dtype(out.dtype())?.to_vec1_any()?;
+        match (&mut out, bias) {
+            (CpuStorage::F32(o), BiasValues::F32(b)) => add_bias_rows(o, &b),
+            (CpuStorage::F64(o), BiasValues::F64(b)) => add_bias_rows(o, &b),
+            (CpuStorage::BF16(o), BiasValues::BF16(b)) => add_bias_rows(o, &b),
+            (CpuStorage::F16(o), BiasValues::F16(b)) => add_bias_rows(o, &b),
+            _ => candle_core::bail!("{op}: unsupported dtype {:?}", x.dtype()),
+        }
+    }
+    Ok(out)
+}
+
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k, x2_l) = super::as_rows(x_l)?;
-        let n = self.out_features();
-        let (w_storage, w_l) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("frozen-linear: weight is not on the CPU")
-        };
-        let wt_l = w_l.transpose(0, 1)?;
-        let mut out = x.matmul(w, (1, m, n, k), &x2_l, &wt_l)?;
-        if let Some(bias) = &self.bias {
-            let bias = bias.to_dtype(out.dtype())?.to_vec1_any()?;
-            match (&mut out, bias) {
-                (CpuStorage::F32(o), BiasValues::F32(b)) => add_bias_rows(o, &b),
-                (CpuStorage::F64(o), BiasValues::F64(b)) => add_bias_rows(o, &b),
-                (CpuStorage::BF16(o), BiasValues::BF16(b)) => add_bias_rows(o, &b),
-                (CpuStorage::F16(o), BiasValues::F16(b)) => add_bias_rows(o, &b),
-                _ => candle_core::bail!("frozen-linear: unsupported dtype {:?}", x.dtype()),
-            }
-        }
-        Ok((out, super::with_last(x_l.shape(), n)))
+        let out = cpu_linear(x, x_l, &self.weight, self.bias.as_ref(), self.name())?;
+        Ok((out, super::with_last(x_l.shape(), self.out_features())))
     }
 
     #[cfg(feature = "cuda")]

@@ -11,6 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
+use super::frozen_linear::cpu_linear;
 use super::{contiguous_f32, fused_kernels};
 
 /// The adapter branch of a LoRA linear: `s·((x ⊙ mask)·Aᵀ)·Bᵀ`.
@@ -73,20 +74,7 @@ impl CustomOp3 for LoraLinear {
         let (m, k, x2l) = super::as_rows(xl)?;
         let (r, _) = al.shape().dims2()?;
         let n = self.weight.dims()[0];
-        let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("lora-linear: weight is not on the CPU")
-        };
-        let mut y = x.matmul(w, (1, m, n, k), &x2l, &wl.transpose(0, 1)?)?;
-        if let Some(bias) = &self.bias {
-            let bias: Vec<f32> = bias.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            let CpuStorage::F32(yv) = &mut y else {
-                candle_core::bail!("lora-linear: only f32 is supported on the CPU path")
-            };
-            for row in yv.chunks_exact_mut(n) {
-                row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
-            }
-        }
+        let mut y = cpu_linear(x, xl, &self.weight, self.bias.as_ref(), self.name())?;
         let u = match &self.mask {
             Some(mask) => {
                 let guard = mask.storage_and_layout();

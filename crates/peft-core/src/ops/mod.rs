@@ -41,9 +41,14 @@ fn contiguous_f32<'a>(
 
 /// Whether the fused kernels handle `x`: f32 on the CPU, f32 or bf16 on CUDA.
 fn fused_kernels(x: &candle_core::Tensor) -> bool {
-    match x.dtype() {
-        candle_core::DType::F32 => x.device().is_cpu() || x.device().is_cuda(),
-        candle_core::DType::BF16 => x.device().is_cuda(),
+    fused_for(x.dtype(), x.device())
+}
+
+/// Whether the fused kernels handle tensors of `dtype` on `device`.
+fn fused_for(dtype: candle_core::DType, device: &candle_core::Device) -> bool {
+    match dtype {
+        candle_core::DType::F32 => device.is_cpu() || device.is_cuda(),
+        candle_core::DType::BF16 => device.is_cuda(),
         _ => false,
     }
 }

@@ -4,10 +4,10 @@
 //! a shrink kernel (`u[i] = A[a]·x[i]`, f32, rows × r) and an expand kernel that adds
 //! `s[a]·B[a]·u[i]` into `y` (`bgmv_shrink`/`bgmv_expand` in kernels/peft_ops.cu).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::contiguous_f32;
+use super::frozen_linear::cpu_linear;
 
 /// A stack of same-rank LoRA adapters for one linear layer.
 #[derive(Clone, Debug)]
@@ -82,20 +82,10 @@ impl CustomOp2 for MultiLora {
         let (m, k) = xl.shape().dims2()?;
         let n = self.weight.dims()[0];
         let r = self.stack.a.dims()[1];
-        let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("multi-lora-linear: weight is not on the CPU")
-        };
-        let mut y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let mut y = cpu_linear(x, xl, &self.weight, self.bias.as_ref(), self.name())?;
         let CpuStorage::F32(yv) = &mut y else {
             candle_core::bail!("multi-lora-linear: only f32 is supported on the CPU path")
         };
-        if let Some(bias) = &self.bias {
-            let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
-            for row in yv.chunks_exact_mut(n) {
-                row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
-            }
-        }
         let xv = contiguous_f32(x, xl, self.name())?;
         let CpuStorage::U32(iv) = idx else {
             candle_core::bail!("multi-lora-linear: the index must be u32")

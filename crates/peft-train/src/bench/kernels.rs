@@ -375,6 +375,15 @@ fn multi_lora_check(
     )
 }
 
+/// The dtype the timings run in: bf16 on a GPU, f32 on the CPU (no bf16 kernels there).
+fn timing_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
 /// Serving many adapters at once: a batch whose rows use `adapters` different LoRAs (forward
 /// only): the BGMV op, the same one adapter at a time with plain ops, and the base linear alone
 /// (what a merged single-adapter model costs).
@@ -385,11 +394,7 @@ pub fn multi_adapter_cases(
     warmup: usize,
     steps: usize,
 ) -> Vec<CaseResult> {
-    let dt = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    };
+    let dt = timing_dtype(device);
     let mut out = vec![];
     for &[m, k, n, r] in shapes {
         for method in ["base_only", "bgmv", "per_adapter_loop"] {
@@ -506,11 +511,7 @@ pub fn linear_cases(
     warmup: usize,
     steps: usize,
 ) -> Vec<CaseResult> {
-    let dt = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    };
+    let dt = timing_dtype(device);
     let mut out = vec![];
     for &[m, k, n, r] in shapes {
         for method in [

@@ -193,6 +193,41 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
+    /// A case from its step times (or why it failed), each step processing `tokens` tokens (or
+    /// rows); the fields that depend on the kind of case are left empty.
+    fn timed(
+        kind: &str,
+        name: String,
+        method: &str,
+        tokens: usize,
+        measured: Result<Vec<f64>>,
+    ) -> Self {
+        let mut c = Self {
+            kind: kind.into(),
+            name,
+            method: method.into(),
+            batch: None,
+            seq: None,
+            shape: None,
+            median_ms: f64::NAN,
+            p10_ms: f64::NAN,
+            p90_ms: f64::NAN,
+            tokens_per_s: f64::NAN,
+            peak_bytes: None,
+            trainable_params: None,
+            error: None,
+            phases_ms: None,
+        };
+        match measured {
+            Ok(mut times) => {
+                (c.median_ms, c.p10_ms, c.p90_ms) = percentiles(&mut times);
+                c.tokens_per_s = tokens as f64 / (c.median_ms / 1e3);
+            }
+            Err(e) => c.error = Some(e.to_string()),
+        }
+        c
+    }
+
     /// A case over `shape = [rows, in, out, r]` (tokens per second = rows per second).
     pub fn from_rows(
         kind: &str,
@@ -202,30 +237,11 @@ impl CaseResult {
         trainable_params: Option<usize>,
         measured: Result<Vec<f64>>,
     ) -> Self {
-        let mut c = Self {
-            kind: kind.into(),
-            name,
-            method: method.into(),
-            batch: None,
-            seq: None,
+        Self {
             shape: Some(shape),
-            median_ms: f64::NAN,
-            p10_ms: f64::NAN,
-            p90_ms: f64::NAN,
-            tokens_per_s: f64::NAN,
-            peak_bytes: None,
             trainable_params,
-            error: None,
-            phases_ms: None,
-        };
-        match measured {
-            Ok(mut times) => {
-                (c.median_ms, c.p10_ms, c.p90_ms) = percentiles(&mut times);
-                c.tokens_per_s = shape[0] as f64 / (c.median_ms / 1e3);
-            }
-            Err(e) => c.error = Some(e.to_string()),
+            ..Self::timed(kind, name, method, shape[0], measured)
         }
-        c
     }
 }
 
@@ -295,33 +311,16 @@ fn case(
     measured: Result<(Vec<f64>, Option<usize>)>,
     peak: Option<u64>,
 ) -> CaseResult {
+    let trainable = measured.as_ref().ok().and_then(|(_, n)| *n);
     let name = format!("{kind}/{method}/seq{seq}");
-    let mut r = CaseResult {
-        kind: kind.into(),
-        name,
-        method: method.into(),
+    let times = measured.map(|(times, _)| times);
+    CaseResult {
         batch: Some(s.batch),
         seq: Some(seq),
-        shape: None,
-        median_ms: f64::NAN,
-        p10_ms: f64::NAN,
-        p90_ms: f64::NAN,
-        tokens_per_s: f64::NAN,
         peak_bytes: peak,
-        trainable_params: None,
-        error: None,
-        phases_ms: None,
-    };
-    match measured {
-        Ok((mut times, trainable)) => {
-            let (median, p10, p90) = percentiles(&mut times);
-            (r.median_ms, r.p10_ms, r.p90_ms) = (median, p10, p90);
-            r.tokens_per_s = (s.batch * seq) as f64 / (median / 1e3);
-            r.trainable_params = trainable;
-        }
-        Err(e) => r.error = Some(e.to_string()),
+        trainable_params: trainable,
+        ..CaseResult::timed(kind, name, method, s.batch * seq, times)
     }
-    r
 }
 
 /// Training-step timings of `method` at sequence length `seq`: forward, token cross-entropy,
@@ -337,10 +336,13 @@ pub fn train_case(s: &BenchSettings, method: Method, seq: usize) -> CaseResult {
             ..Default::default()
         };
         let mut opt = AdamW::new(model.parts.params.named_vars(), config)?;
-        let times = time_steps(&s.device, s.warmup, s.steps, || {
+        // Forward and the token cross-entropy (computed in f32 whatever the model's dtype).
+        let loss = || -> Result<Tensor> {
             let logits = model.forward(&input.ids, &input.types, &input.mask, true)?;
-            let logits = ctx("logits", || logits.to_dtype(DType::F32))?;
-            let (loss, _) = masked_cross_entropy(&logits, &input.labels)?;
+            Ok(masked_cross_entropy(&logits, &input.labels)?.0)
+        };
+        let times = time_steps(&s.device, s.warmup, s.steps, || {
+            let loss = loss()?;
             let grads = ctx("backward", || loss.backward())?;
             opt.step(&grads)
         })?;
@@ -349,9 +351,7 @@ pub fn train_case(s: &BenchSettings, method: Method, seq: usize) -> CaseResult {
             let sync = || ctx("synchronize", || s.device.synchronize());
             for _ in 0..s.steps.max(1) {
                 let t = Instant::now();
-                let logits = model.forward(&input.ids, &input.types, &input.mask, true)?;
-                let logits = ctx("logits", || logits.to_dtype(DType::F32))?;
-                let (loss, _) = masked_cross_entropy(&logits, &input.labels)?;
+                let loss = loss()?;
                 sync()?;
                 let t1 = Instant::now();
                 let grads = ctx("backward", || loss.backward())?;
