@@ -20,6 +20,7 @@ fn plan() -> TuningPlan {
             layers_to_transform: None,
             layers_pattern: vec![],
             use_rslora: false,
+            use_dora: false,
             init: Default::default(),
         })),
         unfreeze: vec![],
@@ -42,7 +43,9 @@ fn bench(c: &mut Criterion) {
         let builder =
             ModelBuilder::new(WeightSource::Map(weights), plan(), DType::F32, dev.clone()).unwrap();
         let lora = builder.linear(k, n, true, "query").unwrap();
-        let ad = lora.lora().unwrap();
+        builder.parts().unwrap();
+        let ad = lora.active_adapter().unwrap();
+        let ad = ad.as_lora().unwrap();
         ad.b.set(&Tensor::randn(0f32, 0.02, (n, 8), &dev).unwrap())
             .unwrap();
         let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();

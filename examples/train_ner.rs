@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             layers_to_transform: None,
             layers_pattern: vec![],
             use_rslora: false,
+            use_dora: false,
             init: Default::default(),
         })),
         unfreeze: vec![],

@@ -170,7 +170,8 @@ fn train_inspect_eval_predict_merge() {
     // 2 layers x (query, value) x (A 4x32 + B 32x4), plus the classifier 7x32 + 7 (7 labels).
     let (lora, head) = (2 * 2 * (4 * 32 + 32 * 4), 7 * 32 + 7);
     let report = parse(&ok(&["inspect", s(&adapter), "--json"]));
-    assert_eq!(report["r"], 4);
+    assert_eq!(report["settings"]["r"], 4);
+    assert_eq!(report["peft_type"], "LORA");
     assert_eq!(report["adapter_parameters"], lora);
     assert_eq!(report["trainable_parameters"], lora + head);
     let summary = read_json(&run_dir.join("summary.json"));

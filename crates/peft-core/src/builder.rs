@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use crate::error::{PeftError, Result};
 use crate::layers::{Embedding, LayerNorm};
 use crate::linear::TunableLinear;
-use crate::lora::LoraAdapter;
 use crate::ops::{Dropout, DropoutRng};
 use crate::params::ParamStore;
 use crate::plan::{CompiledPlan, TuningPlan};
@@ -33,6 +32,8 @@ struct Shared {
     init_rng: Mutex<rand::rngs::StdRng>,
     /// Digest and checkpoint key of every base tensor loaded, by model name.
     fingerprint: Mutex<BTreeMap<String, ([u8; 32], String)>>,
+    /// Whether the plan's adapter has been injected (by the first [`ModelBuilder::parts`]).
+    injected: Mutex<bool>,
 }
 
 /// Builds a model layer by layer; cheap to clone, each clone at its own path.
@@ -45,9 +46,10 @@ pub struct ModelBuilder {
 /// What construction leaves behind for training, saving and merging.
 #[derive(Clone, Debug)]
 pub struct TunedParts {
-    /// The trainable parameters.
+    /// The trainable parameters: the plan's adapter (named `default`), unfrozen base parameters
+    /// and task heads.
     pub params: ParamStore,
-    /// Every tunable linear, by path.
+    /// Every tunable layer by path, and the model's named adapters.
     pub registry: Registry,
     /// A digest of the frozen base weights the model was built on.
     pub base_fingerprint: String,
@@ -69,18 +71,20 @@ impl ModelBuilder {
     ) -> Result<Self> {
         let seed = plan.seed;
         let plan = CompiledPlan::new(plan)?;
+        let dropout_rng = DropoutRng::new(seed.wrapping_add(1));
         Ok(Self {
             shared: Arc::new(Shared {
                 weights,
                 plan,
                 params: ParamStore::default(),
-                registry: Registry::default(),
+                registry: Registry::new(seed, dropout_rng.clone(), device.clone()),
                 dtype,
                 device,
                 strip_prefix: None,
-                dropout_rng: DropoutRng::new(seed.wrapping_add(1)),
+                dropout_rng,
                 init_rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
                 fingerprint: Mutex::new(BTreeMap::new()),
+                injected: Mutex::new(false),
             }),
             path: vec![],
         })
@@ -229,37 +233,15 @@ impl ModelBuilder {
         bias: Option<Tensor>,
         is_head: bool,
     ) -> Result<Arc<TunableLinear>> {
-        let path = self.path();
-        let (out_dim, in_dim) = weight.dims2()?;
-        let lora = match self.shared.plan.lora_for(&path, is_head) {
-            Some(cfg) => {
-                let mut rng = self
-                    .shared
-                    .init_rng
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let dropout = Dropout::new(cfg.lora_dropout, self.shared.dropout_rng.clone());
-                let adapter = LoraAdapter::new(
-                    cfg,
-                    in_dim,
-                    out_dim,
-                    dropout,
-                    &mut *rng,
-                    DType::F32,
-                    &self.shared.device,
-                )?;
-                self.shared
-                    .params
-                    .insert(&format!("{path}.lora_A.weight"), adapter.a.clone())?;
-                self.shared
-                    .params
-                    .insert(&format!("{path}.lora_B.weight"), adapter.b.clone())?;
-                Some(adapter)
-            }
-            None => None,
-        };
-        let linear = Arc::new(TunableLinear::new(path, weight, bias, lora));
-        self.shared.registry.insert(linear.clone())?;
+        let registry = &self.shared.registry;
+        let linear = Arc::new(TunableLinear::new(
+            self.path(),
+            weight,
+            bias,
+            is_head,
+            registry.switch(),
+        ));
+        registry.insert(linear.clone())?;
         Ok(linear)
     }
 
@@ -286,8 +268,19 @@ impl ModelBuilder {
         Dropout::new(p, self.shared.dropout_rng.clone())
     }
 
-    /// What the model needs after construction: parameters, registry and base fingerprint.
-    pub fn parts(&self) -> TunedParts {
+    /// What the model needs after construction: parameters, registry and base fingerprint. The
+    /// first call injects the plan's adapter (as `default`) into the layers built so far.
+    pub fn parts(&self) -> Result<TunedParts> {
+        let s = &self.shared;
+        let mut injected = s.injected.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(adapter), false) = (&s.plan.plan.adapter, *injected) {
+            let adapter_params = s.registry.add_adapter("default", adapter)?;
+            for (name, var) in adapter_params.named_vars() {
+                s.params.insert(&name, var)?;
+            }
+        }
+        *injected = true;
+        drop(injected);
         let fp = self
             .shared
             .fingerprint
@@ -298,7 +291,7 @@ impl ModelBuilder {
             h.update(name.as_bytes());
             h.update(digest);
         }
-        TunedParts {
+        Ok(TunedParts {
             params: self.shared.params.clone(),
             registry: self.shared.registry.clone(),
             base_fingerprint: format!("sha256:{:x}", h.finalize()),
@@ -308,7 +301,7 @@ impl ModelBuilder {
                 .iter()
                 .map(|(n, (_, k))| (n.clone(), k.clone()))
                 .collect(),
-        }
+        })
     }
 }
 

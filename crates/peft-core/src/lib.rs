@@ -14,11 +14,12 @@ mod error;
 pub mod fsio;
 mod layers;
 mod linear;
-mod lora;
+pub mod methods;
 pub mod ops;
 mod params;
 mod plan;
 mod registry;
+mod switch;
 mod target;
 mod weights;
 
@@ -26,9 +27,11 @@ pub use builder::{ModelBuilder, TunedParts};
 pub use error::{PeftError, Result};
 pub use layers::{Embedding, LayerNorm};
 pub use linear::TunableLinear;
-pub use lora::LoraAdapter;
+pub use methods::{
+    AdapterConfig, BaseLinear, Ia3Config, LinearAdapter, LoraConfig, LoraInit, LoraLayer,
+};
 pub use params::ParamStore;
-pub use plan::{AdapterConfig, CompiledPlan, LoraConfig, LoraInit, TuningPlan};
-pub use registry::Registry;
+pub use plan::{CompiledPlan, TuningPlan};
+pub use registry::{AdapterEntry, Registry};
 pub use target::{TargetMatcher, TargetModules};
 pub use weights::{Init, WeightSource};

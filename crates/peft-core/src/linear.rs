@@ -1,53 +1,62 @@
-//! The tunable linear: a frozen (or fully trainable) base plus whatever adapter the plan gave its
-//! path, mergeable into the base and back.
+//! The tunable linear: a frozen (or fully trainable) base plus the adapters added at its path,
+//! of which the model-wide switch picks the active one; mergeable into the base and back.
 
-use std::sync::{RwLock, RwLockReadGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::Tensor;
 
 use crate::error::{PeftError, Result};
-use crate::lora::LoraAdapter;
-use crate::ops::{frozen_linear, lora_linear, LoraBranch};
+use crate::methods::{BaseLinear, LinearAdapter};
+use crate::switch::AdapterSwitch;
 
 struct LinearState {
     weight: Tensor,
-    merged: bool,
+    bias: Option<Tensor>,
+    adapters: BTreeMap<String, Arc<dyn LinearAdapter>>,
+    /// The adapter folded into `weight`/`bias`, if any.
+    merged: Option<String>,
 }
 
 /// A linear layer at a known module path. Model code builds it with
 /// [`crate::ModelBuilder::linear`] and never names an adapter method.
 pub struct TunableLinear {
     path: String,
+    is_head: bool,
     state: RwLock<LinearState>,
-    bias: Option<Tensor>,
-    lora: Option<LoraAdapter>,
+    switch: AdapterSwitch,
 }
 
 impl std::fmt::Debug for TunableLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state();
         f.debug_struct("TunableLinear")
             .field("path", &self.path)
-            .field("lora", &self.lora.is_some())
+            .field("adapters", &s.adapters.keys().collect::<Vec<_>>())
+            .field("merged", &s.merged)
             .finish()
     }
 }
 
 impl TunableLinear {
-    /// A linear at `path` with `weight` (`out × in`), optional `bias` and optional LoRA.
-    pub fn new(
+    /// A linear at `path` with `weight` (`out × in`) and optional `bias`, following `switch`.
+    pub(crate) fn new(
         path: String,
         weight: Tensor,
         bias: Option<Tensor>,
-        lora: Option<LoraAdapter>,
+        is_head: bool,
+        switch: AdapterSwitch,
     ) -> Self {
         Self {
             path,
+            is_head,
             state: RwLock::new(LinearState {
                 weight,
-                merged: false,
+                bias,
+                adapters: BTreeMap::new(),
+                merged: None,
             }),
-            bias,
-            lora,
+            switch,
         }
     }
 
@@ -55,29 +64,48 @@ impl TunableLinear {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn state_mut(&self) -> RwLockWriteGuard<'_, LinearState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The module path (Hugging Face name).
     pub fn path(&self) -> &str {
         &self.path
     }
 
-    /// The LoRA adapter, if any.
-    pub fn lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref()
+    /// Whether this is a task head (excluded from `all-linear`).
+    pub fn is_head(&self) -> bool {
+        self.is_head
     }
 
-    /// The current base weight (with the adapter folded in while merged).
+    /// The adapter `name` at this layer, if any.
+    pub fn adapter(&self, name: &str) -> Option<Arc<dyn LinearAdapter>> {
+        self.state().adapters.get(name).cloned()
+    }
+
+    /// The adapter the switch makes active here, if any (none while disabled).
+    pub fn active_adapter(&self) -> Option<Arc<dyn LinearAdapter>> {
+        self.switch.active().and_then(|name| self.adapter(&name))
+    }
+
+    /// The names of the adapters at this layer.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.state().adapters.keys().cloned().collect()
+    }
+
+    /// The current base weight (with an adapter folded in while merged).
     pub fn weight(&self) -> Tensor {
         self.state().weight.clone()
     }
 
-    /// The bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+    /// The current bias, if any.
+    pub fn bias(&self) -> Option<Tensor> {
+        self.state().bias.clone()
     }
 
-    /// Whether the adapter is currently folded into the weight.
-    pub fn is_merged(&self) -> bool {
-        self.state().merged
+    /// The adapter currently folded into the weight, if any.
+    pub fn merged_adapter(&self) -> Option<String> {
+        self.state().merged.clone()
     }
 
     /// `(in, out)` features.
@@ -86,94 +114,86 @@ impl TunableLinear {
         (d[1], d[0])
     }
 
+    pub(crate) fn insert_adapter(&self, name: &str, adapter: Arc<dyn LinearAdapter>) {
+        self.state_mut().adapters.insert(name.to_string(), adapter);
+    }
+
+    pub(crate) fn remove_adapter(&self, name: &str) {
+        self.state_mut().adapters.remove(name);
+    }
+
     /// Applies the layer to `x` of shape `(..., in)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let state = self.state();
         // At evaluation every parameter is used detached, so that no autograd graph (and no
         // activation it would keep alive) is built for trainable weights.
         let (w, bias) = if train {
-            (state.weight.clone(), self.bias.clone())
+            (state.weight.clone(), state.bias.clone())
         } else {
             (
                 state.weight.detach(),
-                self.bias.as_ref().map(Tensor::detach),
+                state.bias.as_ref().map(Tensor::detach),
             )
         };
-        let (w, bias) = (&w, bias.as_ref());
-        let trainable_base = train && (w.is_variable() || bias.is_some_and(|b| b.is_variable()));
-        let lora = self.lora.as_ref().filter(|_| !state.merged);
-        match (lora, trainable_base) {
-            // Frozen base: one op over `(..., in)`, no reshape nodes in the autograd graph.
-            (None, false) => Ok(frozen_linear(x, w, bias)?),
-            (Some(lora), false) => {
-                let mask = lora.dropout_mask(x, train)?;
-                let (a, b) = if train {
-                    (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
-                } else {
-                    (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
-                };
-                let branch = LoraBranch {
-                    a: &a,
-                    b: &b,
-                    scale: lora.scaling,
-                    mask: mask.as_ref(),
-                };
-                Ok(lora_linear(&x.contiguous()?, w, bias, &branch)?)
-            }
-            (lora, true) => {
-                // A trainable base (full fine-tuning, or an unfrozen layer): plain ops, cast to
-                // the activations' dtype so that mixed precision keeps f32 master weights.
-                let dims = x.dims().to_vec();
-                let in_features = *dims.last().unwrap_or(&0);
-                let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
-                let dtype = x2.dtype();
-                let mut y = x2.matmul(&w.to_dtype(dtype)?.t()?)?;
-                if let Some(b) = bias {
-                    y = y.broadcast_add(&b.to_dtype(dtype)?)?;
-                }
-                if let Some(lora) = lora {
-                    y = (y + lora.delta(&x2, train)?)?;
-                }
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = w.dims()[0];
-                }
-                Ok(y.reshape(out_dims)?)
-            }
+        let base = BaseLinear {
+            weight: &w,
+            bias: bias.as_ref(),
+            trainable: train && (w.is_variable() || bias.as_ref().is_some_and(|b| b.is_variable())),
+        };
+        let adapter = match (&state.merged, self.switch.active()) {
+            (None, Some(name)) => state.adapters.get(&name).cloned(),
+            _ => None,
+        };
+        drop(state);
+        match adapter {
+            Some(a) => a.forward(x, &base, train),
+            None => base.forward(x),
         }
     }
 
-    /// Folds the adapter into the base weight: `W ← W + s·B·A`. A no-op without an adapter.
-    pub fn merge(&self) -> Result<()> {
-        self.fold(true)
-    }
-
-    /// Undoes [`Self::merge`]: `W ← W − s·B·A`.
-    pub fn unmerge(&self) -> Result<()> {
-        self.fold(false)
-    }
-
-    fn fold(&self, merge: bool) -> Result<()> {
-        let Some(lora) = &self.lora else {
+    /// Folds adapter `name` into the base weight. A no-op where the layer has no such adapter.
+    pub(crate) fn merge(&self, name: &str) -> Result<()> {
+        let mut state = self.state_mut();
+        let Some(adapter) = state.adapters.get(name).cloned() else {
             return Ok(());
         };
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        if state.merged == merge {
-            return Ok(());
+        if let Some(m) = &state.merged {
+            return Err(self.fold_error(format!("adapter `{m}` is already merged")));
         }
         if state.weight.is_variable() {
-            return Err(PeftError::Config {
-                key: self.path.clone(),
-                message: "cannot merge an adapter into a base weight that is itself trained".into(),
-            });
+            return Err(self.fold_error(
+                "cannot merge an adapter into a base weight that is itself trained".into(),
+            ));
         }
-        let delta = lora.delta_weight()?.to_dtype(state.weight.dtype())?;
-        state.weight = if merge {
-            (&state.weight + delta)?
-        } else {
-            (&state.weight - delta)?
-        };
-        state.merged = merge;
+        let (w, b) = adapter.merged(&state.weight, state.bias.as_ref())?;
+        state.weight = w;
+        state.bias = b;
+        state.merged = Some(name.to_string());
         Ok(())
+    }
+
+    /// Undoes [`Self::merge`]. A no-op when nothing is merged.
+    pub(crate) fn unmerge(&self) -> Result<()> {
+        let mut state = self.state_mut();
+        let Some(name) = state.merged.clone() else {
+            return Ok(());
+        };
+        let adapter = state
+            .adapters
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| self.fold_error(format!("merged adapter `{name}` is gone")))?;
+        let (w, b) = adapter.unmerged(&state.weight, state.bias.as_ref())?;
+        state.weight = w;
+        state.bias = b;
+        state.merged = None;
+        Ok(())
+    }
+
+    fn fold_error(&self, message: String) -> PeftError {
+        PeftError::Config {
+            key: self.path.clone(),
+            message,
+        }
     }
 }

@@ -1,58 +1,348 @@
-//! Every tunable linear of a built model, reachable by its module path, so that adapters can be
-//! merged, unmerged and inspected without rebuilding the model.
+//! Every tunable layer of a built model, reachable by its module path, and the named adapters
+//! injected into them: add, select, disable, delete, merge and unmerge on a built model, without
+//! rebuilding it. Operations check everything first, so a refused one leaves the model as it was.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::Device;
+use rand::SeedableRng;
 
 use crate::error::{PeftError, Result};
 use crate::linear::TunableLinear;
+use crate::methods::{AdapterConfig, LayerContext, LinearAdapter};
+use crate::ops::DropoutRng;
+use crate::params::ParamStore;
+use crate::switch::AdapterSwitch;
 
-/// Tunable linears by module path.
-#[derive(Clone, Debug, Default)]
+/// One named adapter of a model: its settings and its trainable tensors (named by peft's keys
+/// without the `base_model.model.` prefix).
+#[derive(Clone, Debug)]
+pub struct AdapterEntry {
+    /// The method and its settings.
+    pub config: AdapterConfig,
+    /// The adapter's tensors.
+    pub params: ParamStore,
+}
+
+#[derive(Default)]
+struct Inner {
+    linears: BTreeMap<String, Arc<TunableLinear>>,
+    adapters: BTreeMap<String, AdapterEntry>,
+}
+
+/// Where new adapters draw their initial values and dropout masks from.
+#[derive(Clone, Debug)]
+struct InjectionContext {
+    seed: u64,
+    dropout_rng: DropoutRng,
+    device: Device,
+}
+
+/// Tunable layers by path and adapters by name; cheap to clone, all clones shared.
+#[derive(Clone)]
 pub struct Registry {
-    linears: Arc<Mutex<BTreeMap<String, Arc<TunableLinear>>>>,
+    inner: Arc<Mutex<Inner>>,
+    switch: AdapterSwitch,
+    ctx: InjectionContext,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("adapters", &self.adapter_names())
+            .field("active", &self.switch.active())
+            .finish()
+    }
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the adapter name, so that two adapters of one model start differently.
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Registry {
-    /// Registers a layer; two layers at one path are an error.
-    pub fn insert(&self, linear: Arc<TunableLinear>) -> Result<()> {
-        let mut map = self.linears.lock().unwrap_or_else(|e| e.into_inner());
-        if map.contains_key(linear.path()) {
-            return Err(PeftError::Config {
-                key: linear.path().into(),
-                message: "two layers were built at the same module path".into(),
-            });
+    /// An empty registry whose adapters initialise from `seed` and drop out with `dropout_rng`.
+    pub(crate) fn new(seed: u64, dropout_rng: DropoutRng, device: Device) -> Self {
+        Self {
+            inner: Arc::default(),
+            switch: AdapterSwitch::default(),
+            ctx: InjectionContext {
+                seed,
+                dropout_rng,
+                device,
+            },
         }
-        map.insert(linear.path().to_string(), linear);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn switch(&self) -> AdapterSwitch {
+        self.switch.clone()
+    }
+
+    /// Registers a layer; two layers at one path are an error.
+    pub(crate) fn insert(&self, linear: Arc<TunableLinear>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.linears.contains_key(linear.path()) {
+            return Err(config_error(
+                linear.path(),
+                "two layers were built at the same module path",
+            ));
+        }
+        inner.linears.insert(linear.path().to_string(), linear);
         Ok(())
     }
 
-    /// All layers, sorted by path.
+    /// All linear layers, sorted by path.
     pub fn linears(&self) -> Vec<Arc<TunableLinear>> {
-        self.linears
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.lock().linears.values().cloned().collect()
     }
 
-    /// The module paths that carry an adapter.
+    /// The linear at `path`.
+    pub fn linear(&self, path: &str) -> Option<Arc<TunableLinear>> {
+        self.lock().linears.get(path).cloned()
+    }
+
+    /// The names of the model's adapters, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.lock().adapters.keys().cloned().collect()
+    }
+
+    /// The adapter called `name`.
+    pub fn adapter(&self, name: &str) -> Option<AdapterEntry> {
+        self.lock().adapters.get(name).cloned()
+    }
+
+    /// The adapter the model applies now (`None` without adapters or while disabled).
+    pub fn active(&self) -> Option<String> {
+        self.switch.active()
+    }
+
+    /// The module paths that carry the active adapter.
     pub fn adapted_paths(&self) -> Vec<String> {
+        let Some(name) = self.switch.selected() else {
+            return vec![];
+        };
         self.linears()
             .iter()
-            .filter(|l| l.lora().is_some())
+            .filter(|l| l.adapter(&name).is_some())
             .map(|l| l.path().to_string())
             .collect()
     }
 
-    /// Folds every adapter into its base weight.
-    pub fn merge_all(&self) -> Result<()> {
-        self.linears().iter().try_for_each(|l| l.merge())
+    fn merged_adapter(&self) -> Option<String> {
+        self.linears().iter().find_map(|l| l.merged_adapter())
     }
 
-    /// Undoes [`Self::merge_all`].
-    pub fn unmerge_all(&self) -> Result<()> {
+    fn refuse_while_merged(&self, what: &str) -> Result<()> {
+        match self.merged_adapter() {
+            Some(m) => Err(config_error(
+                "adapters",
+                &format!("cannot {what} while adapter `{m}` is merged: unmerge it first"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn unknown(&self, name: &str) -> PeftError {
+        config_error(
+            "adapter",
+            &format!(
+                "the model has no adapter `{name}` (it has: {})",
+                list_or_none(&self.adapter_names())
+            ),
+        )
+    }
+
+    /// Injects a new adapter `name` into every layer `config` targets and returns its tensors.
+    /// The first adapter of a model becomes the active one.
+    pub fn add_adapter(&self, name: &str, config: &AdapterConfig) -> Result<ParamStore> {
+        if name.is_empty() || name.contains(['.', '/']) {
+            return Err(config_error(
+                "adapter",
+                &format!("`{name}` is not a valid adapter name (non-empty, no `.` or `/`)"),
+            ));
+        }
+        if self.lock().adapters.contains_key(name) {
+            return Err(config_error(
+                "adapter",
+                &format!(
+                    "an adapter named `{name}` already exists (the model has: {})",
+                    list_or_none(&self.adapter_names())
+                ),
+            ));
+        }
+        config.validate()?;
+        self.refuse_while_merged("add an adapter")?;
+        let targets = config.linear_targets()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(name_seed(self.ctx.seed, name));
+        let mut layers: Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)> = vec![];
+        for linear in self.linears() {
+            if !targets.matches(linear.path(), linear.is_head()) {
+                continue;
+            }
+            let weight = linear.weight();
+            let mut ctx = LayerContext {
+                path: linear.path(),
+                weight: &weight,
+                rng: &mut rng,
+                dropout_rng: self.ctx.dropout_rng.clone(),
+                device: &self.ctx.device,
+            };
+            let layer = config.linear_layer(&mut ctx)?;
+            layers.push((linear.clone(), Arc::from(layer)));
+        }
+        if layers.is_empty() {
+            let paths: Vec<String> = self
+                .linears()
+                .iter()
+                .filter(|l| !l.is_head())
+                .take(8)
+                .map(|l| l.path().to_string())
+                .collect();
+            return Err(config_error(
+                "adapter.target_modules",
+                &format!(
+                    "matched no layer of the model (its linear layers include: {})",
+                    list_or_none(&paths)
+                ),
+            ));
+        }
+        let params = ParamStore::default();
+        for (linear, layer) in &layers {
+            for (key, var) in layer.named_params() {
+                params.insert(&format!("{}.{key}", linear.path()), var)?;
+            }
+        }
+        for (linear, layer) in layers {
+            linear.insert_adapter(name, layer);
+        }
+        self.lock().adapters.insert(
+            name.to_string(),
+            AdapterEntry {
+                config: config.clone(),
+                params: params.clone(),
+            },
+        );
+        if self.switch.selected().is_none() {
+            self.switch.select(Some(name.to_string()));
+        }
+        Ok(params)
+    }
+
+    /// Makes `name` the active adapter (and enables adapters).
+    pub fn set_active(&self, name: &str) -> Result<()> {
+        if self.adapter(name).is_none() {
+            return Err(self.unknown(name));
+        }
+        self.refuse_while_merged("switch adapters")?;
+        self.switch.select(Some(name.to_string()));
+        self.switch.set_disabled(false);
+        Ok(())
+    }
+
+    /// Turns every adapter off: the model gives the base model's output.
+    pub fn disable(&self) -> Result<()> {
+        self.refuse_while_merged("disable adapters")?;
+        self.switch.set_disabled(true);
+        Ok(())
+    }
+
+    /// Undoes [`Self::disable`].
+    pub fn enable(&self) {
+        self.switch.set_disabled(false);
+    }
+
+    /// Whether adapters are disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.switch.is_disabled()
+    }
+
+    /// Removes adapter `name` from every layer. When it was active, no adapter is active after.
+    pub fn delete_adapter(&self, name: &str) -> Result<()> {
+        if self.adapter(name).is_none() {
+            return Err(self.unknown(name));
+        }
+        if self.merged_adapter().as_deref() == Some(name) {
+            return Err(config_error(
+                "adapter",
+                &format!("cannot delete adapter `{name}` while it is merged: unmerge it first"),
+            ));
+        }
+        for l in self.linears() {
+            l.remove_adapter(name);
+        }
+        self.lock().adapters.remove(name);
+        if self.switch.selected().as_deref() == Some(name) {
+            self.switch.select(None);
+        }
+        Ok(())
+    }
+
+    /// Folds the active adapter into the base weights. Refused (with the model unchanged) for
+    /// methods that have no merge.
+    pub fn merge(&self) -> Result<()> {
+        let Some(name) = self.switch.active() else {
+            return Ok(());
+        };
+        let entry = self.adapter(&name).ok_or_else(|| self.unknown(&name))?;
+        if !entry.config.is_mergeable() {
+            return Err(config_error(
+                "merge",
+                &format!(
+                    "adapter `{name}` ({}) cannot be merged into the base weights",
+                    entry.config.peft_type()
+                ),
+            ));
+        }
+        if self.merged_adapter().as_deref() == Some(name.as_str()) {
+            return Ok(());
+        }
+        self.refuse_while_merged("merge")?;
+        let linears = self.linears();
+        for (i, l) in linears.iter().enumerate() {
+            if let Err(e) = l.merge(&name) {
+                for done in &linears[..i] {
+                    done.unmerge()?;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::merge`].
+    pub fn unmerge(&self) -> Result<()> {
         self.linears().iter().try_for_each(|l| l.unmerge())
+    }
+
+    /// [`Self::merge`] (kept for callers that merge "everything").
+    pub fn merge_all(&self) -> Result<()> {
+        self.merge()
+    }
+
+    /// [`Self::unmerge`].
+    pub fn unmerge_all(&self) -> Result<()> {
+        self.unmerge()
+    }
+}
+
+fn config_error(key: &str, message: &str) -> PeftError {
+    PeftError::Config {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use peft_core::adapter_io::{self, AdapterMeta};
 use peft_core::{
-    AdapterConfig, LoraConfig, ModelBuilder, TargetModules, TunableLinear, TunedParts, TuningPlan,
-    WeightSource,
+    AdapterConfig, LinearAdapter, LoraConfig, ModelBuilder, TargetModules, TunableLinear,
+    TunedParts, TuningPlan, WeightSource,
 };
 
 struct Tiny {
@@ -57,11 +57,16 @@ fn lora(use_rslora: bool) -> LoraConfig {
         layers_to_transform: None,
         layers_pattern: vec![],
         use_rslora,
+        use_dora: false,
         init: Default::default(),
     }
 }
 
 fn build(seed: u64, cfg: LoraConfig) -> Tiny {
+    try_build(seed, cfg).unwrap()
+}
+
+fn try_build(seed: u64, cfg: LoraConfig) -> peft_core::Result<Tiny> {
     let plan = TuningPlan {
         adapter: Some(AdapterConfig::Lora(cfg)),
         unfreeze: vec![],
@@ -78,12 +83,17 @@ fn build(seed: u64, cfg: LoraConfig) -> Tiny {
     let q = layer.linear(5, 6, true, "query").unwrap();
     let v = layer.linear(6, 4, true, "value").unwrap();
     let head = b.new_linear(4, 3, "classifier").unwrap();
-    Tiny {
+    Ok(Tiny {
         q,
         v,
         head,
-        parts: b.parts(),
-    }
+        parts: b.parts()?,
+    })
+}
+
+/// The LoRA layer of `l`'s active adapter.
+fn lora_of(l: &TunableLinear) -> Arc<dyn LinearAdapter> {
+    l.active_adapter().expect("an active adapter")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -103,7 +113,8 @@ fn input() -> Tensor {
 
 fn randomise_b(m: &Tiny) {
     for l in [&m.q, &m.v] {
-        let b = &l.lora().unwrap().b;
+        let ad = lora_of(l);
+        let b = &ad.as_lora().unwrap().b;
         b.set(&Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu).unwrap())
             .unwrap();
     }
@@ -117,27 +128,27 @@ fn zero_b_gives_the_base_output_at_init() {
         let h = x
             .broadcast_matmul(&m.q.weight().t().unwrap())
             .unwrap()
-            .broadcast_add(m.q.bias().unwrap())
+            .broadcast_add(&m.q.bias().unwrap())
             .unwrap()
             .tanh()
             .unwrap();
         let h = h
             .broadcast_matmul(&m.v.weight().t().unwrap())
             .unwrap()
-            .broadcast_add(m.v.bias().unwrap())
+            .broadcast_add(&m.v.bias().unwrap())
             .unwrap();
         m.head.forward(&h, false).unwrap()
     };
     assert!(max_diff(&m.forward(&x).unwrap(), &base) < 1e-6);
     // A is kaiming-uniform(a=√5): |A| ≤ 1/√in.
-    let a =
-        m.q.lora()
-            .unwrap()
-            .a
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+    let a = lora_of(&m.q)
+        .as_lora()
+        .unwrap()
+        .a
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(a.iter().all(|v| v.abs() <= 1.0 / 5f32.sqrt()) && a.iter().any(|v| *v != 0.0));
 }
 
@@ -147,11 +158,12 @@ fn update_follows_the_closed_form_with_either_scaling() {
         let m = build(0, lora(rs));
         randomise_b(&m);
         let x = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
-        let ad = m.q.lora().unwrap();
+        let ad = lora_of(&m.q);
+        let ad = ad.as_lora().unwrap();
         let expected = x
             .matmul(&m.q.weight().t().unwrap())
             .unwrap()
-            .broadcast_add(m.q.bias().unwrap())
+            .broadcast_add(&m.q.bias().unwrap())
             .unwrap()
             .add(
                 &(x.matmul(&ad.a.t().unwrap())
@@ -177,7 +189,7 @@ fn merge_and_unmerge_are_exact_to_float_tolerance() {
     let w0 = m.q.weight();
     let unmerged = m.forward(&x).unwrap();
     m.parts.registry.merge_all().unwrap();
-    assert!(m.q.is_merged());
+    assert_eq!(m.q.merged_adapter().as_deref(), Some("default"));
     assert!(max_diff(&m.forward(&x).unwrap(), &unmerged) < 1e-5);
     m.parts.registry.unmerge_all().unwrap();
     assert!(max_diff(&m.q.weight(), &w0) < 1e-6);
@@ -301,7 +313,7 @@ fn mismatched_adapters_are_refused_by_name_and_leave_the_model_unchanged() {
         err.contains("lora_A.weight") && err.contains("[2, 5]") && err.contains("[4, 5]"),
         "{err}"
     );
-    let a = wide.q.lora().unwrap().a.as_tensor().clone();
+    let a = lora_of(&wide.q).as_lora().unwrap().a.as_tensor().clone();
     assert!(before.is_ok() && a.dims() == [4, 5]);
 
     // A truncated weights file.
@@ -330,6 +342,14 @@ fn mismatched_adapters_are_refused_by_name_and_leave_the_model_unchanged() {
 fn layers_to_transform_limits_injection() {
     let mut cfg = lora(false);
     cfg.layers_to_transform = Some(vec![1]);
+    // No layer 1 in the model: like peft, an adapter that targets nothing is an error.
+    let err = try_build(0, cfg).err().expect("refused").to_string();
+    assert!(
+        err.contains("target_modules") && err.contains("enc.layer.0.query"),
+        "{err}"
+    );
+    let mut cfg = lora(false);
+    cfg.layers_to_transform = Some(vec![0]);
     let m = build(0, cfg);
-    assert!(m.parts.registry.adapted_paths().is_empty());
+    assert_eq!(m.parts.registry.adapted_paths().len(), 2);
 }

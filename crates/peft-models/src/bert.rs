@@ -274,7 +274,7 @@ impl BertForTokenClassification {
             bert,
             dropout: b.dropout(p),
             classifier,
-            parts: b.parts(),
+            parts: b.parts()?,
             config: cfg.clone(),
             device: b.device().clone(),
         })

@@ -24,6 +24,7 @@ fn tiny_bert(dtype: DType) -> BertForTokenClassification {
             layers_to_transform: None,
             layers_pattern: vec![],
             use_rslora: false,
+            use_dora: false,
             init: Default::default(),
         })),
         unfreeze: vec![],

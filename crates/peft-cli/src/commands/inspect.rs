@@ -25,25 +25,30 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: not a valid safetensors file", weights.display()))?;
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let heads: Vec<String> = file
+        .modules_to_save
+        .iter()
+        .flatten()
+        .map(|m| format!("{}{m}.", peft_core::adapter_io::KEY_PREFIX))
+        .collect();
+    let is_head = |k: &str| heads.iter().any(|h| k.starts_with(h.as_str()));
     let adapter_params: usize = tensors
         .iter()
-        .filter(|(k, _)| k.contains(".lora_"))
+        .filter(|(k, _)| !is_head(k))
         .map(|(_, t)| t.elem_count())
         .sum();
-    let AdapterConfig::Lora(cfg) = &adapter;
+    let mut settings = serde_json::to_value(&adapter)?;
+    if let (serde_json::Value::Object(m), AdapterConfig::Lora(cfg)) = (&mut settings, &adapter) {
+        m.insert("scaling".into(), serde_json::json!(cfg.scaling()));
+    }
     let report = serde_json::json!({
         "folder": dir.display().to_string(),
-        "method": adapter.peft_type(),
+        "peft_type": adapter.peft_type(),
+        "settings": settings,
         "base_model": file.base_model_name_or_path,
         "task_type": file.task_type,
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "scaling": cfg.scaling(),
-        "use_rslora": cfg.use_rslora,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": cfg.target_modules,
         "modules_to_save": file.modules_to_save,
-        "adapted_modules": tensors.keys().filter(|k| k.ends_with(".lora_A.weight")).count(),
+        "adapter_tensors": tensors.keys().filter(|k| !is_head(k)).count(),
         "trainable_parameters": params,
         "adapter_parameters": adapter_params,
         "head_parameters": params - adapter_params,

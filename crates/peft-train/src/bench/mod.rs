@@ -116,6 +116,7 @@ impl Method {
                 layers_to_transform: None,
                 layers_pattern: vec![],
                 use_rslora: false,
+                use_dora: false,
                 init: Default::default(),
             }))
         };

@@ -1,0 +1,255 @@
+//! Adapter folders in Hugging Face peft's format: `adapter_config.json` plus
+//! `adapter_model.safetensors` with peft's key names, and `peft_rs.json` for what inference needs
+//! and peft does not store (labels, tokenizer, the base model's fingerprint).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PeftError, Result};
+use crate::fsio::{write_atomic, write_atomic_with};
+use crate::params::ParamStore;
+use crate::TunedParts;
+
+mod config;
+
+pub use crate::methods::SUPPORTED_PEFT_TYPES;
+pub use config::{peft_config_json, read_config, PeftConfigFile, PeftJson};
+
+/// peft's prefix of every key in `adapter_model.safetensors`.
+pub const KEY_PREFIX: &str = "base_model.model.";
+/// The config file name peft uses.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file name peft uses.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Our side file.
+pub const META_FILE: &str = "peft_rs.json";
+
+/// What peft-rs stores beside peft's files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterMeta {
+    /// Digest of the frozen base weights the adapter was trained on.
+    pub base_model_fingerprint: String,
+    /// The task (`token_classification`, ...).
+    pub task: String,
+    /// Label names by id, as transformers writes `id2label` in config.json.
+    #[serde(default)]
+    pub id2label: BTreeMap<String, String>,
+    /// Where the tokenizer comes from (a Hugging Face id or a folder).
+    pub tokenizer: String,
+    /// Task-specific settings inference needs (max length, label alignment, ...).
+    #[serde(default)]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reads `peft_rs.json`; `None` for adapters made by Python peft, which have none.
+pub fn read_meta(dir: &Path) -> Result<Option<AdapterMeta>> {
+    let path = dir.join(META_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| PeftError::io(&path, format!("invalid peft-rs metadata: {e}")))
+}
+
+/// Refuses an adapter trained on other base weights than the model's.
+pub fn check_fingerprint(dir: &Path, meta: &AdapterMeta, parts: &TunedParts) -> Result<()> {
+    if meta.base_model_fingerprint != parts.base_fingerprint {
+        return Err(PeftError::AdapterMismatch {
+            path: dir.to_path_buf(),
+            message: format!(
+                "it was trained on a different base model (fingerprint {} in {META_FILE}, but the \
+                 loaded base weights give {})",
+                meta.base_model_fingerprint, parts.base_fingerprint
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Modules whose parameters all train outright (peft's `modules_to_save`): every module with a
+/// trainable `weight` or `bias` among `base_trainables`.
+pub fn modules_to_save(base_trainables: &ParamStore) -> Vec<String> {
+    let mut mods: Vec<String> = base_trainables
+        .named_vars()
+        .into_iter()
+        .filter_map(|(n, _)| n.rsplit_once('.').map(|(m, _)| m.to_string()))
+        .collect();
+    mods.dedup();
+    mods
+}
+
+/// The model's trainable parameters that belong to no adapter: task heads and unfrozen base
+/// parameters, shared by all adapters of the model.
+pub fn base_trainables(parts: &TunedParts) -> Result<ParamStore> {
+    let adapter_names: std::collections::HashSet<String> = parts
+        .registry
+        .adapter_names()
+        .iter()
+        .filter_map(|a| parts.registry.adapter(a))
+        .flat_map(|e| e.params.named_vars().into_iter().map(|(n, _)| n))
+        .collect();
+    let out = ParamStore::default();
+    for (n, v) in parts.params.named_vars() {
+        if !adapter_names.contains(&n) {
+            out.insert(&n, v)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the model's active adapter with its task head(s) as an adapter folder: peft's two
+/// files and `peft_rs.json`, each atomically.
+pub fn save(
+    dir: &Path,
+    parts: &TunedParts,
+    base_model: &str,
+    task_type: &str,
+    meta: &AdapterMeta,
+) -> Result<()> {
+    let name = parts.registry.active().ok_or_else(|| PeftError::Config {
+        key: "adapter".into(),
+        message: "the model has no active adapter to save".into(),
+    })?;
+    save_named(dir, parts, &name, base_model, task_type, Some(meta))
+}
+
+/// Writes adapter `name` of the model with its task head(s): peft's two files, and
+/// `peft_rs.json` when `meta` is given, each atomically.
+pub fn save_named(
+    dir: &Path,
+    parts: &TunedParts,
+    name: &str,
+    base_model: &str,
+    task_type: &str,
+    meta: Option<&AdapterMeta>,
+) -> Result<()> {
+    let entry = parts
+        .registry
+        .adapter(name)
+        .ok_or_else(|| PeftError::Config {
+            key: "adapter".into(),
+            message: format!("the model has no adapter `{name}` to save"),
+        })?;
+    let heads = base_trainables(parts)?;
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    let tensors: Vec<(String, Tensor)> = entry
+        .params
+        .named_vars()
+        .into_iter()
+        .chain(heads.named_vars())
+        .map(|(n, v)| (format!("{KEY_PREFIX}{n}"), v.as_tensor().clone()))
+        .collect();
+    let weights = dir.join(WEIGHTS_FILE);
+    write_atomic_with(&weights, |tmp| {
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(|e| PeftError::io(tmp, e))
+    })?;
+    let config = peft_config_json(
+        &entry.config,
+        base_model,
+        task_type,
+        &modules_to_save(&heads),
+    );
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    if let Some(meta) = meta {
+        let meta_text = serde_json::to_string_pretty(meta)
+            .map_err(|e| PeftError::io(dir.join(META_FILE), e))?;
+        write_atomic(&dir.join(META_FILE), meta_text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Adds the adapter saved in `dir` (by peft-rs or Python peft) to the model as `name`, with its
+/// weights and, when the file holds them, the task head's. A refused file leaves the model as it
+/// was (no adapter added, no parameter changed).
+pub fn load_adapter(dir: &Path, parts: &TunedParts, name: &str) -> Result<()> {
+    let (config, _) = read_config(dir)?;
+    let adapter = parts.registry.add_adapter(name, &config)?;
+    let targets = ParamStore::default();
+    let loaded = (|| {
+        for (n, v) in adapter
+            .named_vars()
+            .into_iter()
+            .chain(base_trainables(parts)?.named_vars())
+        {
+            targets.insert(&n, v)?;
+        }
+        load_weights(dir, &targets)
+    })();
+    if let Err(e) = loaded {
+        parts.registry.delete_adapter(name)?;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Loads `adapter_model.safetensors` into the model's parameters. Every tensor is checked
+/// (presence, shape, no extras) before any parameter changes, so a bad file leaves the model as it
+/// was.
+pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.is_file() {
+        return Err(PeftError::io(&path, "adapter weights file not found"));
+    }
+    // SAFETY: read-only mapping of a file we do not modify while it is mapped.
+    let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
+        PeftError::io(
+            &path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let mismatch = |message: String| PeftError::AdapterMismatch {
+        path: path.clone(),
+        message,
+    };
+    let mut updates = Vec::new();
+    let vars = params.named_vars();
+    for (name, var) in &vars {
+        let key = format!("{KEY_PREFIX}{name}");
+        let t = st.load(&key, &Device::Cpu).map_err(|_| {
+            mismatch(format!(
+                "tensor `{key}` is missing (the model has a trainable `{name}`)"
+            ))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(mismatch(format!(
+                "tensor `{key}` has shape {:?}, but the model expects {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        updates.push((
+            var.clone(),
+            t.to_dtype(DType::F32)?.to_device(var.device())?,
+        ));
+    }
+    let known: std::collections::HashSet<String> = vars
+        .iter()
+        .map(|(n, _)| format!("{KEY_PREFIX}{n}"))
+        .collect();
+    if let Some((extra, _)) = st.tensors().into_iter().find(|(k, _)| !known.contains(k)) {
+        return Err(mismatch(format!(
+            "tensor `{extra}` has no counterpart in the model (targets or head differ)"
+        )));
+    }
+    for (var, t) in updates {
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Adapter methods, one module each (config, layer, merge, keys), registered in one table:
+//! [`AdapterConfig`]. Injection, the active-adapter switch, merge and key naming are written once
+//! (in [`crate::TunableLinear`], [`crate::Registry`] and [`crate::adapter_io`]) for all of them.
+
+mod dora;
+pub mod ia3;
+pub mod lora;
+
+use std::fmt::Debug;
+
+use candle_core::{Device, Tensor, Var};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::ops::{frozen_linear, DropoutRng};
+use crate::target::TargetMatcher;
+
+pub use ia3::{Ia3Config, Ia3Layer};
+pub use lora::{LoraConfig, LoraInit, LoraLayer};
+
+/// One adapter method and its settings: the table of methods peft-rs knows. In a recipe the
+/// `method` key picks the variant (`method = "lora"`), the other keys are its settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum AdapterConfig {
+    /// Low-rank adaptation (with rsLoRA and DoRA as options).
+    Lora(LoraConfig),
+    /// Learned rescaling of activations (IA³).
+    Ia3(Ia3Config),
+}
+
+/// The `peft_type`s peft-rs reads and writes.
+pub const SUPPORTED_PEFT_TYPES: [&str; 2] = ["LORA", "IA3"];
+
+impl AdapterConfig {
+    /// peft's `peft_type` for this method.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            Self::Lora(_) => "LORA",
+            Self::Ia3(_) => "IA3",
+        }
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Lora(c) => c.validate(),
+            Self::Ia3(c) => c.validate(),
+        }
+    }
+
+    /// Whether the adapter can be folded into the base weights.
+    pub fn is_mergeable(&self) -> bool {
+        matches!(self, Self::Lora(_) | Self::Ia3(_))
+    }
+
+    /// The linear layers this adapter targets, compiled.
+    pub fn linear_targets(&self) -> Result<TargetMatcher> {
+        match self {
+            Self::Lora(c) => TargetMatcher::new(
+                &c.target_modules,
+                c.layers_to_transform.as_deref(),
+                &c.layers_pattern,
+            ),
+            Self::Ia3(c) => TargetMatcher::new(&c.target_modules, None, &[]),
+        }
+    }
+
+    /// Builds this method's layer for the linear at `ctx.path` (already matched by
+    /// [`Self::linear_targets`]).
+    pub fn linear_layer(&self, ctx: &mut LayerContext<'_>) -> Result<Box<dyn LinearAdapter>> {
+        Ok(match self {
+            Self::Lora(c) => Box::new(LoraLayer::new(c, ctx)?),
+            Self::Ia3(c) => Box::new(Ia3Layer::new(c, ctx)?),
+        })
+    }
+}
+
+/// What an adapter layer is built from.
+pub struct LayerContext<'a> {
+    /// The module path of the layer.
+    pub path: &'a str,
+    /// The base weight (`out × in`), as loaded.
+    pub weight: &'a Tensor,
+    /// The adapter's initialisation stream.
+    pub rng: &'a mut StdRng,
+    /// The model's dropout stream.
+    pub dropout_rng: DropoutRng,
+    /// Where the adapter's parameters live.
+    pub device: &'a Device,
+}
+
+/// The base of a linear layer as an adapter sees it: frozen tensors, or `Var`s when the base
+/// itself trains (full fine-tuning, an unfrozen layer).
+#[derive(Clone, Copy, Debug)]
+pub struct BaseLinear<'a> {
+    /// `out × in`.
+    pub weight: &'a Tensor,
+    /// `out`.
+    pub bias: Option<&'a Tensor>,
+    /// Whether the base parameters get gradients in this forward pass.
+    pub trainable: bool,
+}
+
+impl BaseLinear<'_> {
+    /// `x·Wᵀ + b` for `x` of shape `(..., in)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, self.bias)
+    }
+
+    /// `x·Wᵀ`, without the bias.
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None)
+    }
+
+    fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if !self.trainable {
+            // Frozen base: one op over `(..., in)` whose backward computes no weight gradient.
+            return Ok(frozen_linear(x, self.weight, bias)?);
+        }
+        // A trainable base: plain ops, cast to the activations' dtype so that mixed precision
+        // keeps f32 master weights.
+        let dims = x.dims().to_vec();
+        let in_features = *dims.last().unwrap_or(&0);
+        let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
+        let dtype = x2.dtype();
+        let mut y = x2.matmul(&self.weight.to_dtype(dtype)?.t()?)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.to_dtype(dtype)?)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// What an adapter method does to one linear layer.
+pub trait LinearAdapter: Debug + Send + Sync {
+    /// The trainable tensors with their peft key under the layer's path (`lora_A.weight`).
+    fn named_params(&self) -> Vec<(String, Var)>;
+
+    /// The layer's output for `x` of shape `(..., in)`.
+    fn forward(&self, x: &Tensor, base: &BaseLinear<'_>, train: bool) -> Result<Tensor>;
+
+    /// The base weight and bias with the adapter folded in.
+    fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+
+    /// Undoes [`Self::merged`] on its output.
+    fn unmerged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+
+    /// The LoRA layer, for methods that are one (weighted combinations, inspection).
+    fn as_lora(&self) -> Option<&LoraLayer> {
+        None
+    }
+}
+
+/// A parameter as the forward pass uses it: detached at evaluation, so that no autograd graph
+/// is built for it.
+pub(crate) fn use_param(v: &Var, train: bool) -> Tensor {
+    if train {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}
