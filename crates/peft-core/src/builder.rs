@@ -12,10 +12,12 @@ use sha2::{Digest, Sha256};
 use crate::error::{PeftError, Result};
 use crate::layers::{Embedding, LayerNorm};
 use crate::linear::TunableLinear;
+use crate::methods::{BottleneckHook, HookPoint, PromptSite};
 use crate::ops::{Dropout, DropoutRng};
 use crate::params::ParamStore;
 use crate::plan::{CompiledPlan, TuningPlan};
 use crate::registry::Registry;
+use crate::site::Site;
 use crate::weights::{random_tensor, Init, WeightSource};
 
 struct Shared {
@@ -261,6 +263,32 @@ impl ModelBuilder {
             b.param("bias", dim, Init::Zeros)?,
             eps,
         ))
+    }
+
+    /// A bottleneck-adapter hook point at this builder's path (the module after which the
+    /// adapter acts), for hidden states of width `dim`.
+    pub fn bottleneck_hook(&self, dim: usize, point: HookPoint) -> Result<Arc<BottleneckHook>> {
+        let registry = &self.shared.registry;
+        let hook = Arc::new(BottleneckHook {
+            site: Site::new(self.path(), registry.switch()),
+            point,
+            dim,
+        });
+        registry.insert_hook(hook.clone())?;
+        Ok(hook)
+    }
+
+    /// The model's virtual-token input for prompt and prefix tuning: `table` is the word
+    /// embedding table (`vocab × dim`), `layers` the number of attention layers.
+    pub fn prompt_site(&self, table: &Tensor, layers: usize) -> Result<Arc<PromptSite>> {
+        let registry = &self.shared.registry;
+        let site = Arc::new(PromptSite {
+            site: Site::new(self.path(), registry.switch()),
+            table: table.detach(),
+            layers,
+        });
+        registry.set_prompt_site(site.clone())?;
+        Ok(site)
     }
 
     /// A dropout layer drawing from the model's seeded stream.

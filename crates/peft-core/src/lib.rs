@@ -19,6 +19,7 @@ pub mod ops;
 mod params;
 mod plan;
 mod registry;
+mod site;
 mod switch;
 mod target;
 mod weights;
@@ -28,10 +29,13 @@ pub use error::{PeftError, Result};
 pub use layers::{Embedding, LayerNorm};
 pub use linear::TunableLinear;
 pub use methods::{
-    AdapterConfig, BaseLinear, Ia3Config, LinearAdapter, LoraConfig, LoraInit, LoraLayer,
+    AdapterConfig, BaseLinear, BottleneckConfig, BottleneckHook, HookPoint, Ia3Config,
+    LinearAdapter, LoraConfig, LoraInit, LoraLayer, PrefixTuningConfig, PromptSite,
+    PromptTuningConfig, VirtualInput,
 };
 pub use params::ParamStore;
 pub use plan::{CompiledPlan, TuningPlan};
 pub use registry::{AdapterEntry, Registry};
+pub use site::Site;
 pub use target::{TargetMatcher, TargetModules};
 pub use weights::{Init, WeightSource};

@@ -10,6 +10,8 @@ use rand::SeedableRng;
 
 use crate::error::{PeftError, Result};
 use crate::linear::TunableLinear;
+use crate::methods::bottleneck::{BottleneckHook, BottleneckLayer};
+use crate::methods::prompt::{PromptSite, VirtualTokens};
 use crate::methods::{AdapterConfig, LayerContext, LinearAdapter};
 use crate::ops::DropoutRng;
 use crate::params::ParamStore;
@@ -28,7 +30,16 @@ pub struct AdapterEntry {
 #[derive(Default)]
 struct Inner {
     linears: BTreeMap<String, Arc<TunableLinear>>,
+    hooks: BTreeMap<String, Arc<BottleneckHook>>,
+    prompt: Option<Arc<PromptSite>>,
     adapters: BTreeMap<String, AdapterEntry>,
+}
+
+/// The parts of one new adapter, before they are attached.
+enum Pieces {
+    Linear(Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)>),
+    Hooks(Vec<(Arc<BottleneckHook>, Arc<BottleneckLayer>)>),
+    Virtual(Arc<PromptSite>, Arc<VirtualTokens>),
 }
 
 /// Where new adapters draw their initial values and dropout masks from.
@@ -96,6 +107,49 @@ impl Registry {
         }
         inner.linears.insert(linear.path().to_string(), linear);
         Ok(())
+    }
+
+    /// Registers a bottleneck hook point; two at one path are an error.
+    pub(crate) fn insert_hook(&self, hook: Arc<BottleneckHook>) -> Result<()> {
+        let mut inner = self.lock();
+        let path = hook.site.path().to_string();
+        if inner.hooks.contains_key(&path) {
+            return Err(config_error(
+                &path,
+                "two hooks were built at the same module path",
+            ));
+        }
+        inner.hooks.insert(path, hook);
+        Ok(())
+    }
+
+    /// Registers the model's virtual-token input; a model has at most one.
+    pub(crate) fn set_prompt_site(&self, site: Arc<PromptSite>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.prompt.is_some() {
+            return Err(config_error(
+                site.site.path(),
+                "a model has one prompt site",
+            ));
+        }
+        inner.prompt = Some(site);
+        Ok(())
+    }
+
+    /// The tensors a file stores for adapter `name`, by name without peft's key prefix: its
+    /// parameters, except that prefix tuning's MLP is replaced by its output.
+    pub fn tensors_to_save(&self, name: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
+        let entry = self.adapter(name).ok_or_else(|| self.unknown(name))?;
+        let prompt = self.lock().prompt.clone();
+        if let Some(tokens) = prompt.and_then(|p| p.site.get(name)) {
+            return tokens.tensors_to_save();
+        }
+        Ok(entry
+            .params
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect())
     }
 
     /// All linear layers, sorted by path.
@@ -179,48 +233,45 @@ impl Registry {
         }
         config.validate()?;
         self.refuse_while_merged("add an adapter")?;
-        let targets = config.linear_targets()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(name_seed(self.ctx.seed, name));
-        let mut layers: Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)> = vec![];
-        for linear in self.linears() {
-            if !targets.matches(linear.path(), linear.is_head()) {
-                continue;
-            }
-            let weight = linear.weight();
-            let mut ctx = LayerContext {
-                path: linear.path(),
-                weight: &weight,
-                rng: &mut rng,
-                dropout_rng: self.ctx.dropout_rng.clone(),
-                device: &self.ctx.device,
-            };
-            let layer = config.linear_layer(&mut ctx)?;
-            layers.push((linear.clone(), Arc::from(layer)));
-        }
-        if layers.is_empty() {
-            let paths: Vec<String> = self
-                .linears()
-                .iter()
-                .filter(|l| !l.is_head())
-                .take(8)
-                .map(|l| l.path().to_string())
-                .collect();
-            return Err(config_error(
-                "adapter.target_modules",
-                &format!(
-                    "matched no layer of the model (its linear layers include: {})",
-                    list_or_none(&paths)
-                ),
-            ));
-        }
+        let pieces = self.build_pieces(config, &mut rng)?;
         let params = ParamStore::default();
-        for (linear, layer) in &layers {
-            for (key, var) in layer.named_params() {
-                params.insert(&format!("{}.{key}", linear.path()), var)?;
+        let add = |path: &str, named: Vec<(String, candle_core::Var)>| -> Result<()> {
+            for (key, var) in named {
+                let full = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                params.insert(&full, var)?;
             }
+            Ok(())
+        };
+        match &pieces {
+            Pieces::Linear(layers) => {
+                for (l, a) in layers {
+                    add(l.path(), a.named_params())?;
+                }
+            }
+            Pieces::Hooks(hooks) => {
+                for (h, a) in hooks {
+                    add(h.site.path(), a.named_params())?;
+                }
+            }
+            Pieces::Virtual(_, tokens) => add("", tokens.named_params())?,
         }
-        for (linear, layer) in layers {
-            linear.insert_adapter(name, layer);
+        match pieces {
+            Pieces::Linear(layers) => {
+                for (l, a) in layers {
+                    l.insert_adapter(name, a);
+                }
+            }
+            Pieces::Hooks(hooks) => {
+                for (h, a) in hooks {
+                    h.site.insert(name, a);
+                }
+            }
+            Pieces::Virtual(site, tokens) => site.site.insert(name, tokens),
         }
         self.lock().adapters.insert(
             name.to_string(),
@@ -233,6 +284,88 @@ impl Registry {
             self.switch.select(Some(name.to_string()));
         }
         Ok(params)
+    }
+
+    /// Builds the new adapter's parts for every place `config` targets, or an error that says
+    /// what the model offers when it targets nothing.
+    fn build_pieces(&self, config: &AdapterConfig, rng: &mut rand::rngs::StdRng) -> Result<Pieces> {
+        let device = &self.ctx.device;
+        match config {
+            AdapterConfig::Lora(_) | AdapterConfig::Ia3(_) => {
+                let targets = config
+                    .linear_targets()?
+                    .expect("linear methods have targets");
+                let mut layers = vec![];
+                for linear in self.linears() {
+                    if !targets.matches(linear.path(), linear.is_head()) {
+                        continue;
+                    }
+                    let weight = linear.weight();
+                    let mut ctx = LayerContext {
+                        path: linear.path(),
+                        weight: &weight,
+                        rng: &mut *rng,
+                        dropout_rng: self.ctx.dropout_rng.clone(),
+                        device,
+                    };
+                    let layer = config.linear_layer(&mut ctx)?;
+                    layers.push((linear.clone(), Arc::from(layer)));
+                }
+                if layers.is_empty() {
+                    let paths: Vec<String> = self
+                        .linears()
+                        .iter()
+                        .filter(|l| !l.is_head())
+                        .take(8)
+                        .map(|l| l.path().to_string())
+                        .collect();
+                    return Err(config_error(
+                        "adapter.target_modules",
+                        &format!(
+                            "matched no layer of the model (its linear layers include: {})",
+                            list_or_none(&paths)
+                        ),
+                    ));
+                }
+                Ok(Pieces::Linear(layers))
+            }
+            AdapterConfig::Bottleneck(c) => {
+                let hooks: Vec<Arc<BottleneckHook>> = self.lock().hooks.values().cloned().collect();
+                let mut pieces = vec![];
+                for hook in hooks {
+                    if c.wants(hook.point, hook.site.path())? {
+                        let layer = BottleneckLayer::new(c, hook.dim, rng, device)?;
+                        pieces.push((hook, Arc::new(layer)));
+                    }
+                }
+                if pieces.is_empty() {
+                    return Err(config_error(
+                        "adapter",
+                        "the model offers no hook point for this bottleneck placement and layers",
+                    ));
+                }
+                Ok(Pieces::Hooks(pieces))
+            }
+            AdapterConfig::PromptTuning(_) | AdapterConfig::PrefixTuning(_) => {
+                let site = self.lock().prompt.clone().ok_or_else(|| {
+                    config_error(
+                        "adapter",
+                        &format!(
+                            "this model does not read virtual tokens ({})",
+                            config.peft_type()
+                        ),
+                    )
+                })?;
+                let tokens = match config {
+                    AdapterConfig::PromptTuning(c) => VirtualTokens::prompt(c, &site.table, rng)?,
+                    AdapterConfig::PrefixTuning(c) => {
+                        VirtualTokens::prefix(c, site.layers, site.table.dim(1)?, rng, device)?
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                Ok(Pieces::Virtual(site, Arc::new(tokens)))
+            }
+        }
     }
 
     /// Makes `name` the active adapter (and enables adapters).
@@ -277,7 +410,15 @@ impl Registry {
         for l in self.linears() {
             l.remove_adapter(name);
         }
-        self.lock().adapters.remove(name);
+        let mut inner = self.lock();
+        for h in inner.hooks.values() {
+            h.site.remove(name);
+        }
+        if let Some(p) = &inner.prompt {
+            p.site.remove(name);
+        }
+        inner.adapters.remove(name);
+        drop(inner);
         if self.switch.selected().as_deref() == Some(name) {
             self.switch.select(None);
         }

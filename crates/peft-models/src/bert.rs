@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use peft_core::ops::{attention, gelu, AttentionSpec, Dropout};
-use peft_core::{Embedding, LayerNorm, ModelBuilder, Result, TunableLinear, TunedParts};
+use peft_core::{
+    BottleneckHook, Embedding, HookPoint, LayerNorm, ModelBuilder, PromptSite, Result,
+    TunableLinear, TunedParts, VirtualInput,
+};
 use serde::Deserialize;
 
 /// The fields of transformers' `BertConfig` that the model uses.
@@ -120,14 +123,35 @@ impl Embeddings {
         })
     }
 
-    fn forward(&self, ids: &Tensor, token_types: &Tensor, train: bool) -> Result<Tensor> {
-        let (_, seq) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq as u32, ids.device())?.unsqueeze(0)?;
-        let x = self
-            .word
-            .forward(ids)?
+    /// The embeddings of `ids`, after `prompt`'s virtual tokens (`(n, dim)`, token type 0) when
+    /// given, with positions counted from `first_position`.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        prompt: Option<&Tensor>,
+        first_position: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (batch, _) = ids.dims2()?;
+        let mut words = self.word.forward(ids)?;
+        let mut token_types = token_types.clone();
+        if let Some(p) = prompt {
+            let (n, dim) = p.dims2()?;
+            let p = p
+                .to_dtype(words.dtype())?
+                .unsqueeze(0)?
+                .broadcast_as((batch, n, dim))?;
+            words = Tensor::cat(&[&p, &words], 1)?;
+            let zeros = Tensor::zeros((batch, n), token_types.dtype(), ids.device())?;
+            token_types = Tensor::cat(&[&zeros, &token_types], 1)?;
+        }
+        let len = words.dim(1)?;
+        let first = first_position as u32;
+        let positions = Tensor::arange(first, first + len as u32, ids.device())?.unsqueeze(0)?;
+        let x = words
             .broadcast_add(&self.position.forward(&positions)?)?
-            .add(&self.token_type.forward(token_types)?)?;
+            .add(&self.token_type.forward(&token_types)?)?;
         Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
     }
 }
@@ -141,6 +165,8 @@ struct Layer {
     intermediate: Arc<TunableLinear>,
     output: Arc<TunableLinear>,
     out_norm: LayerNorm,
+    attn_hook: Arc<BottleneckHook>,
+    ffn_hook: Arc<BottleneckHook>,
     attn_dropout: Dropout,
     hidden_dropout: Dropout,
     heads: usize,
@@ -164,34 +190,57 @@ impl Layer {
             out_norm: b
                 .pp("output")
                 .layer_norm(h, cfg.layer_norm_eps, "LayerNorm")?,
+            attn_hook: attn
+                .pp("output")
+                .bottleneck_hook(h, HookPoint::AttentionOutput)?,
+            ffn_hook: b
+                .pp("output")
+                .bottleneck_hook(h, HookPoint::FeedForwardOutput)?,
             attn_dropout: b.dropout(cfg.attention_probs_dropout_prob),
             hidden_dropout: b.dropout(cfg.hidden_dropout_prob),
             heads: cfg.num_attention_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let hidden = x.dim(2)?;
+    /// The layer's output; `prefix` holds prefix tuning's `(n, hidden)` keys and values, put
+    /// before the projected ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        prefix: Option<&(Tensor, Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (batch, _, hidden) = x.dims3()?;
+        let mut key = self.key.forward(x, train)?;
+        let mut value = self.value.forward(x, train)?;
+        if let Some((pk, pv)) = prefix {
+            let n = pk.dim(0)?;
+            let expand = |p: &Tensor, like: &Tensor| -> Result<Tensor> {
+                Ok(p.to_dtype(like.dtype())?
+                    .unsqueeze(0)?
+                    .broadcast_as((batch, n, hidden))?)
+            };
+            key = Tensor::cat(&[&expand(pk, &key)?, &key], 1)?;
+            value = Tensor::cat(&[&expand(pv, &value)?, &value], 1)?;
+        }
         let spec = AttentionSpec {
             heads: self.heads,
             scale: 1.0 / ((hidden / self.heads) as f64).sqrt(),
             mask,
             dropout: self.attn_dropout.next_seed(train),
         };
-        let ctx = attention(
-            &self.query.forward(x, train)?,
-            &self.key.forward(x, train)?,
-            &self.value.forward(x, train)?,
-            &spec,
-        )?;
+        let ctx = attention(&self.query.forward(x, train)?, &key, &value, &spec)?;
         let attn = self
             .hidden_dropout
             .forward(&self.attn_out.forward(&ctx, train)?, train)?;
+        let attn = self.attn_hook.forward(&attn, x, train)?;
         let attn = self.attn_norm.forward(&(attn + x)?)?;
         let inner = gelu(&self.intermediate.forward(&attn, train)?)?;
         let out = self
             .hidden_dropout
             .forward(&self.output.forward(&inner, train)?, train)?;
+        let out = self.ffn_hook.forward(&out, &attn, train)?;
         self.out_norm.forward(&(out + attn)?)
     }
 }
@@ -200,21 +249,35 @@ impl Layer {
 pub struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    prompt: Arc<PromptSite>,
 }
 
 impl BertModel {
     /// Builds the encoder at the builder's path (`bert` inside task models, the root otherwise).
     pub fn new(cfg: &BertConfig, b: &ModelBuilder) -> Result<Self> {
         let embeddings = Embeddings::new(cfg, &b.pp("embeddings"))?;
+        let prompt = b
+            .pp("embeddings")
+            .prompt_site(embeddings.word.table(), cfg.num_hidden_layers)?;
         let enc = b.pp("encoder").pp("layer");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, &enc.pp(i)))
             .collect::<Result<_>>()?;
-        Ok(Self { embeddings, layers })
+        Ok(Self {
+            embeddings,
+            layers,
+            prompt,
+        })
     }
 
     /// Hidden states after the embeddings and after each layer (`num_hidden_layers + 1` tensors
     /// of shape `(batch, seq, hidden)`), as transformers' `output_hidden_states`.
+    ///
+    /// With a prompt-tuning adapter active, its `n` virtual tokens go before the input (token
+    /// type 0, positions `0..n`, the input's from `n`) and are cut from the states returned. With
+    /// prefix tuning, every layer's keys and values get its `n` prefixes and the input's
+    /// positions start at `n`, as transformers counts positions after cached keys. Either way
+    /// the virtual tokens are attended by every position, as peft extends the attention mask.
     pub fn hidden_states(
         &self,
         ids: &Tensor,
@@ -222,11 +285,61 @@ impl BertModel {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Vec<Tensor>> {
-        let mask = additive_mask(attention_mask)?;
-        let mut states = vec![self.embeddings.forward(ids, token_types, train)?];
-        for layer in &self.layers {
-            let next = layer.forward(states.last().expect("non-empty"), Some(&mask), train)?;
+        let dtype = self.embeddings.word.table().dtype();
+        let virtual_input = self.prompt.active(train, dtype)?;
+        let (batch, _) = ids.dims2()?;
+        let with_virtual = |n: usize| -> Result<Tensor> {
+            let ones = Tensor::ones((batch, n), attention_mask.dtype(), ids.device())?;
+            Ok(Tensor::cat(&[&ones, attention_mask], 1)?)
+        };
+        let (embedded, mask, prefixes, cut) = match &virtual_input {
+            None => (
+                self.embeddings.forward(ids, token_types, None, 0, train)?,
+                additive_mask(attention_mask)?,
+                None,
+                0,
+            ),
+            Some(VirtualInput::Prompt(p)) => {
+                let n = p.dim(0)?;
+                (
+                    self.embeddings
+                        .forward(ids, token_types, Some(p), 0, train)?,
+                    additive_mask(&with_virtual(n)?)?,
+                    None,
+                    n,
+                )
+            }
+            Some(VirtualInput::Prefix(pairs)) => {
+                let n = pairs
+                    .first()
+                    .map(|(k, _)| k.dim(0))
+                    .transpose()?
+                    .unwrap_or(0);
+                (
+                    self.embeddings.forward(ids, token_types, None, n, train)?,
+                    additive_mask(&with_virtual(n)?)?,
+                    Some(pairs),
+                    0,
+                )
+            }
+        };
+        let mut states = vec![embedded];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = prefixes.and_then(|p| p.get(i));
+            let next = layer.forward(
+                states.last().expect("non-empty"),
+                Some(&mask),
+                prefix,
+                train,
+            )?;
             states.push(next);
+        }
+        if cut > 0 {
+            let seq = ids.dim(1)?;
+            states = states
+                .into_iter()
+                .map(|s| s.narrow(1, cut, seq))
+                .collect::<candle_core::Result<_>>()?;
         }
         Ok(states)
     }

@@ -8,7 +8,10 @@ use serde_json::{Map, Value};
 
 use super::CONFIG_FILE;
 use crate::error::{PeftError, Result};
-use crate::methods::{AdapterConfig, Ia3Config, LoraConfig, SUPPORTED_PEFT_TYPES};
+use crate::methods::{
+    AdapterConfig, BottleneckConfig, Ia3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
+    SUPPORTED_PEFT_TYPES,
+};
 use crate::target::TargetModules;
 
 /// The fields every peft `adapter_config.json` has that peft-rs reads.
@@ -120,6 +123,9 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
     let adapter = match file.peft_type.as_str() {
         "LORA" => AdapterConfig::Lora(LoraConfig::from_peft(&json)?),
         "IA3" => AdapterConfig::Ia3(Ia3Config::from_peft(&json)?),
+        "BOTTLENECK" => AdapterConfig::Bottleneck(BottleneckConfig::from_peft(&json)?),
+        "PREFIX_TUNING" => AdapterConfig::PrefixTuning(PrefixTuningConfig::from_peft(&json)?),
+        "PROMPT_TUNING" => AdapterConfig::PromptTuning(PromptTuningConfig::from_peft(&json)?),
         other => {
             return Err(json.error(format!(
                 "peft_type `{other}` is not supported; supported: {}",
@@ -141,6 +147,9 @@ pub fn peft_config_json(
     let mut m = match adapter {
         AdapterConfig::Lora(c) => c.to_peft(),
         AdapterConfig::Ia3(c) => c.to_peft(),
+        AdapterConfig::Bottleneck(c) => c.to_peft(),
+        AdapterConfig::PrefixTuning(c) => c.to_peft(),
+        AdapterConfig::PromptTuning(c) => c.to_peft(),
     };
     let common = serde_json::json!({
         "auto_mapping": null,

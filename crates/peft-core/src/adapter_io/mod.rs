@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PeftError, Result};
 use crate::fsio::{write_atomic, write_atomic_with};
+use crate::methods::AdapterConfig;
 use crate::params::ParamStore;
 use crate::TunedParts;
 
@@ -70,6 +71,26 @@ pub fn check_fingerprint(dir: &Path, meta: &AdapterMeta, parts: &TunedParts) -> 
         });
     }
     Ok(())
+}
+
+/// peft's prefix of the model's tensors in a file of `config`'s method: prompt learning wraps
+/// no tuner around the model, so its task heads are saved under `base_model.` alone.
+pub fn key_prefix(config: &AdapterConfig) -> &'static str {
+    match config {
+        AdapterConfig::PromptTuning(_) | AdapterConfig::PrefixTuning(_) => "base_model.",
+        _ => KEY_PREFIX,
+    }
+}
+
+/// The key of the model's tensor `name` in `adapter_model.safetensors`: `prefix` (see
+/// [`key_prefix`]) before the name, except for prompt learning's `prompt_embeddings`, which peft
+/// stores without one.
+pub fn file_key(name: &str, prefix: &str) -> String {
+    if name == crate::methods::prompt::PROMPT_KEY {
+        name.to_string()
+    } else {
+        format!("{prefix}{name}")
+    }
 }
 
 /// Modules whose parameters all train outright (peft's `modules_to_save`): every module with a
@@ -138,12 +159,17 @@ pub fn save_named(
         })?;
     let heads = base_trainables(parts)?;
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-    let tensors: Vec<(String, Tensor)> = entry
-        .params
-        .named_vars()
+    let tensors: Vec<(String, Tensor)> = parts
+        .registry
+        .tensors_to_save(name)?
         .into_iter()
-        .chain(heads.named_vars())
-        .map(|(n, v)| (format!("{KEY_PREFIX}{n}"), v.as_tensor().clone()))
+        .chain(
+            heads
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone())),
+        )
+        .map(|(n, t)| (file_key(&n, key_prefix(&entry.config)), t))
         .collect();
     let weights = dir.join(WEIGHTS_FILE);
     write_atomic_with(&weights, |tmp| {
@@ -218,10 +244,11 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
         path: path.clone(),
         message,
     };
+    let prefix = key_prefix(&read_config(dir)?.0);
     let mut updates = Vec::new();
     let vars = params.named_vars();
     for (name, var) in &vars {
-        let key = format!("{KEY_PREFIX}{name}");
+        let key = file_key(name, prefix);
         let t = st.load(&key, &Device::Cpu).map_err(|_| {
             mismatch(format!(
                 "tensor `{key}` is missing (the model has a trainable `{name}`)"
@@ -239,10 +266,8 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
             t.to_dtype(DType::F32)?.to_device(var.device())?,
         ));
     }
-    let known: std::collections::HashSet<String> = vars
-        .iter()
-        .map(|(n, _)| format!("{KEY_PREFIX}{n}"))
-        .collect();
+    let known: std::collections::HashSet<String> =
+        vars.iter().map(|(n, _)| file_key(n, prefix)).collect();
     if let Some((extra, _)) = st.tensors().into_iter().find(|(k, _)| !known.contains(k)) {
         return Err(mismatch(format!(
             "tensor `{extra}` has no counterpart in the model (targets or head differ)"

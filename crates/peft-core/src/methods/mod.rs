@@ -2,9 +2,12 @@
 //! [`AdapterConfig`]. Injection, the active-adapter switch, merge and key naming are written once
 //! (in [`crate::TunableLinear`], [`crate::Registry`] and [`crate::adapter_io`]) for all of them.
 
+pub mod bottleneck;
+pub mod combine;
 mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod prompt;
 
 use std::fmt::Debug;
 
@@ -16,8 +19,11 @@ use crate::error::Result;
 use crate::ops::{frozen_linear, DropoutRng};
 use crate::target::TargetMatcher;
 
+pub use bottleneck::{BottleneckConfig, BottleneckHook, HookPoint};
+pub use combine::{add_weighted_adapter, Combination};
 pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
+pub use prompt::{PrefixTuningConfig, PromptSite, PromptTuningConfig, VirtualInput};
 
 /// One adapter method and its settings: the table of methods peft-rs knows. In a recipe the
 /// `method` key picks the variant (`method = "lora"`), the other keys are its settings.
@@ -28,10 +34,22 @@ pub enum AdapterConfig {
     Lora(LoraConfig),
     /// Learned rescaling of activations (IA³).
     Ia3(Ia3Config),
+    /// Bottleneck MLPs at the layers' hook points (Houlsby, Pfeiffer, parallel).
+    Bottleneck(BottleneckConfig),
+    /// Trainable key/value prefixes in every attention layer.
+    PrefixTuning(PrefixTuningConfig),
+    /// Trainable virtual token embeddings before the input.
+    PromptTuning(PromptTuningConfig),
 }
 
-/// The `peft_type`s peft-rs reads and writes.
-pub const SUPPORTED_PEFT_TYPES: [&str; 2] = ["LORA", "IA3"];
+/// The `peft_type`s peft-rs reads and writes (`BOTTLENECK` is peft-rs's own).
+pub const SUPPORTED_PEFT_TYPES: [&str; 5] = [
+    "LORA",
+    "IA3",
+    "PREFIX_TUNING",
+    "PROMPT_TUNING",
+    "BOTTLENECK",
+];
 
 impl AdapterConfig {
     /// peft's `peft_type` for this method.
@@ -39,6 +57,9 @@ impl AdapterConfig {
         match self {
             Self::Lora(_) => "LORA",
             Self::Ia3(_) => "IA3",
+            Self::Bottleneck(_) => "BOTTLENECK",
+            Self::PrefixTuning(_) => "PREFIX_TUNING",
+            Self::PromptTuning(_) => "PROMPT_TUNING",
         }
     }
 
@@ -47,6 +68,9 @@ impl AdapterConfig {
         match self {
             Self::Lora(c) => c.validate(),
             Self::Ia3(c) => c.validate(),
+            Self::Bottleneck(c) => c.validate(),
+            Self::PrefixTuning(c) => c.validate(),
+            Self::PromptTuning(c) => c.validate(),
         }
     }
 
@@ -55,15 +79,18 @@ impl AdapterConfig {
         matches!(self, Self::Lora(_) | Self::Ia3(_))
     }
 
-    /// The linear layers this adapter targets, compiled.
-    pub fn linear_targets(&self) -> Result<TargetMatcher> {
+    /// The linear layers this adapter targets, compiled (`None` for methods that do not act on
+    /// linear layers).
+    pub fn linear_targets(&self) -> Result<Option<TargetMatcher>> {
         match self {
             Self::Lora(c) => TargetMatcher::new(
                 &c.target_modules,
                 c.layers_to_transform.as_deref(),
                 &c.layers_pattern,
-            ),
-            Self::Ia3(c) => TargetMatcher::new(&c.target_modules, None, &[]),
+            )
+            .map(Some),
+            Self::Ia3(c) => TargetMatcher::new(&c.target_modules, None, &[]).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -73,6 +100,12 @@ impl AdapterConfig {
         Ok(match self {
             Self::Lora(c) => Box::new(LoraLayer::new(c, ctx)?),
             Self::Ia3(c) => Box::new(Ia3Layer::new(c, ctx)?),
+            other => {
+                return Err(crate::PeftError::Config {
+                    key: "adapter".into(),
+                    message: format!("{} does not act on linear layers", other.peft_type()),
+                })
+            }
         })
     }
 }

@@ -28,7 +28,8 @@ pub struct AttentionSpec<'a> {
     pub dropout: Option<(u64, f32)>,
 }
 
-/// The attention context for `q`, `k`, `v` of shape `(batch, seq, hidden)`.
+/// The attention context for `q` of shape `(batch, queries, hidden)` and `k`, `v` of shape
+/// `(batch, keys, hidden)` (more keys than queries with prefix tuning's per-layer prefixes).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -36,7 +37,13 @@ pub fn attention(
     spec: &AttentionSpec<'_>,
 ) -> candle_core::Result<Tensor> {
     let (b, s, hidden) = q.dims3()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() || spec.heads == 0 || hidden % spec.heads != 0 {
+    let (kb, keys, k_hidden) = k.dims3()?;
+    if kb != b
+        || k_hidden != hidden
+        || v.dims() != k.dims()
+        || spec.heads == 0
+        || hidden % spec.heads != 0
+    {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} with {} heads do not fit",
             q.shape(),
@@ -46,6 +53,7 @@ pub fn attention(
         )
     }
     let fused = q.device().is_cuda()
+        && keys == s
         && matches!(
             q.dtype(),
             candle_core::DType::F32 | candle_core::DType::BF16
@@ -85,7 +93,8 @@ pub fn attention_reference(
     let (b, s, hidden) = q.dims3()?;
     let d = hidden / spec.heads;
     let split = |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.reshape((b, s, spec.heads, d))?
+        let len = x.dim(1)?;
+        x.reshape((b, len, spec.heads, d))?
             .transpose(1, 2)?
             .contiguous()
     };
