@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 
+use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
-use crate::layers::{Embedding, LayerNorm};
+use crate::layers::LayerNorm;
 use crate::linear::TunableLinear;
 use crate::methods::{BottleneckHook, HookPoint, PromptSite};
 use crate::ops::{Dropout, DropoutRng};
@@ -247,12 +248,20 @@ impl ModelBuilder {
         Ok(linear)
     }
 
-    /// The base embedding `name` (`weight` `vocab × dim`).
-    pub fn embedding(&self, vocab: usize, dim: usize, name: &str) -> Result<Embedding> {
-        let table = self
-            .pp(name)
-            .param("weight", (vocab, dim), Init::Normal(0.02))?;
-        Ok(Embedding::new(table).with_output_dtype(self.dtype()))
+    /// The base embedding `name` (`weight` `vocab × dim`), with the adapters the plan assigns
+    /// to its path; lookups come out in the model's dtype.
+    pub fn embedding(&self, vocab: usize, dim: usize, name: &str) -> Result<Arc<TunableEmbedding>> {
+        let b = self.pp(name);
+        let table = b.param("weight", (vocab, dim), Init::Normal(0.02))?;
+        let registry = &self.shared.registry;
+        let e = Arc::new(TunableEmbedding::new(
+            b.path(),
+            table,
+            self.dtype(),
+            registry.switch(),
+        ));
+        registry.insert_embedding(e.clone())?;
+        Ok(e)
     }
 
     /// The base LayerNorm `name` (`weight` and `bias` of size `dim`).

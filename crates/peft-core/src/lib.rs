@@ -10,6 +10,7 @@ mod builder;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+mod embedding;
 mod error;
 pub mod fsio;
 mod layers;
@@ -25,8 +26,9 @@ mod target;
 mod weights;
 
 pub use builder::{ModelBuilder, TunedParts};
+pub use embedding::TunableEmbedding;
 pub use error::{PeftError, Result};
-pub use layers::{Embedding, LayerNorm};
+pub use layers::LayerNorm;
 pub use linear::TunableLinear;
 pub use methods::{
     AdapterConfig, BaseLinear, BottleneckConfig, BottleneckHook, HookPoint, Ia3Config,

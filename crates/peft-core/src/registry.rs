@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::Device;
 use rand::SeedableRng;
 
+use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
 use crate::linear::TunableLinear;
 use crate::methods::bottleneck::{BottleneckHook, BottleneckLayer};
+use crate::methods::lora_embedding::LoraEmbedding;
 use crate::methods::prompt::{PromptSite, VirtualTokens};
 use crate::methods::{AdapterConfig, LayerContext, LinearAdapter};
 use crate::ops::DropoutRng;
@@ -30,6 +32,7 @@ pub struct AdapterEntry {
 #[derive(Default)]
 struct Inner {
     linears: BTreeMap<String, Arc<TunableLinear>>,
+    embeddings: BTreeMap<String, Arc<TunableEmbedding>>,
     hooks: BTreeMap<String, Arc<BottleneckHook>>,
     prompt: Option<Arc<PromptSite>>,
     adapters: BTreeMap<String, AdapterEntry>,
@@ -37,7 +40,10 @@ struct Inner {
 
 /// The parts of one new adapter, before they are attached.
 enum Pieces {
-    Linear(Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)>),
+    Linear(
+        Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)>,
+        Vec<(Arc<TunableEmbedding>, Arc<LoraEmbedding>)>,
+    ),
     Hooks(Vec<(Arc<BottleneckHook>, Arc<BottleneckLayer>)>),
     Virtual(Arc<PromptSite>, Arc<VirtualTokens>),
 }
@@ -107,6 +113,24 @@ impl Registry {
         }
         inner.linears.insert(linear.path().to_string(), linear);
         Ok(())
+    }
+
+    /// Registers an embedding; two at one path are an error.
+    pub(crate) fn insert_embedding(&self, e: Arc<TunableEmbedding>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.embeddings.contains_key(e.path()) {
+            return Err(config_error(
+                e.path(),
+                "two embeddings were built at the same module path",
+            ));
+        }
+        inner.embeddings.insert(e.path().to_string(), e);
+        Ok(())
+    }
+
+    /// All embeddings, sorted by path.
+    pub fn embeddings(&self) -> Vec<Arc<TunableEmbedding>> {
+        self.lock().embeddings.values().cloned().collect()
     }
 
     /// Registers a bottleneck hook point; two at one path are an error.
@@ -182,15 +206,26 @@ impl Registry {
         let Some(name) = self.switch.selected() else {
             return vec![];
         };
-        self.linears()
+        let mut paths: Vec<String> = self
+            .linears()
             .iter()
             .filter(|l| l.adapter(&name).is_some())
             .map(|l| l.path().to_string())
-            .collect()
+            .collect();
+        paths.extend(
+            self.embeddings()
+                .iter()
+                .filter(|e| e.adapter(&name).is_some())
+                .map(|e| e.path().to_string()),
+        );
+        paths
     }
 
     fn merged_adapter(&self) -> Option<String> {
-        self.linears().iter().find_map(|l| l.merged_adapter())
+        self.linears()
+            .iter()
+            .find_map(|l| l.merged_adapter())
+            .or_else(|| self.embeddings().iter().find_map(|e| e.merged_adapter()))
     }
 
     fn refuse_while_merged(&self, what: &str) -> Result<()> {
@@ -248,9 +283,12 @@ impl Registry {
             Ok(())
         };
         match &pieces {
-            Pieces::Linear(layers) => {
+            Pieces::Linear(layers, embeddings) => {
                 for (l, a) in layers {
                     add(l.path(), a.named_params())?;
+                }
+                for (e, a) in embeddings {
+                    add(e.path(), a.named_params())?;
                 }
             }
             Pieces::Hooks(hooks) => {
@@ -261,9 +299,12 @@ impl Registry {
             Pieces::Virtual(_, tokens) => add("", tokens.named_params())?,
         }
         match pieces {
-            Pieces::Linear(layers) => {
+            Pieces::Linear(layers, embeddings) => {
                 for (l, a) in layers {
                     l.insert_adapter(name, a);
+                }
+                for (e, a) in embeddings {
+                    e.insert_adapter(name, a);
                 }
             }
             Pieces::Hooks(hooks) => {
@@ -311,7 +352,24 @@ impl Registry {
                     let layer = config.linear_layer(&mut ctx)?;
                     layers.push((linear.clone(), Arc::from(layer)));
                 }
-                if layers.is_empty() {
+                let mut embeddings = vec![];
+                if let AdapterConfig::Lora(c) = config {
+                    for e in self.embeddings() {
+                        if !targets.matches(e.path(), false) {
+                            continue;
+                        }
+                        if c.use_dora {
+                            return Err(config_error(
+                                e.path(),
+                                "DoRA on an embedding is not supported",
+                            ));
+                        }
+                        let (vocab, dim) = e.table().dims2()?;
+                        let lora = LoraEmbedding::new(c, vocab, dim, rng, device)?;
+                        embeddings.push((e, Arc::new(lora)));
+                    }
+                }
+                if layers.is_empty() && embeddings.is_empty() {
                     let paths: Vec<String> = self
                         .linears()
                         .iter()
@@ -327,7 +385,7 @@ impl Registry {
                         ),
                     ));
                 }
-                Ok(Pieces::Linear(layers))
+                Ok(Pieces::Linear(layers, embeddings))
             }
             AdapterConfig::Bottleneck(c) => {
                 let hooks: Vec<Arc<BottleneckHook>> = self.lock().hooks.values().cloned().collect();
@@ -410,6 +468,9 @@ impl Registry {
         for l in self.linears() {
             l.remove_adapter(name);
         }
+        for e in self.embeddings() {
+            e.remove_adapter(name);
+        }
         let mut inner = self.lock();
         for h in inner.hooks.values() {
             h.site.remove(name);
@@ -445,21 +506,22 @@ impl Registry {
             return Ok(());
         }
         self.refuse_while_merged("merge")?;
-        let linears = self.linears();
-        for (i, l) in linears.iter().enumerate() {
-            if let Err(e) = l.merge(&name) {
-                for done in &linears[..i] {
-                    done.unmerge()?;
-                }
-                return Err(e);
-            }
+        let merged = self
+            .linears()
+            .iter()
+            .try_for_each(|l| l.merge(&name))
+            .and_then(|()| self.embeddings().iter().try_for_each(|e| e.merge(&name)));
+        if let Err(e) = merged {
+            self.unmerge()?;
+            return Err(e);
         }
         Ok(())
     }
 
     /// Undoes [`Self::merge`].
     pub fn unmerge(&self) -> Result<()> {
-        self.linears().iter().try_for_each(|l| l.unmerge())
+        self.linears().iter().try_for_each(|l| l.unmerge())?;
+        self.embeddings().iter().try_for_each(|e| e.unmerge())
     }
 
     /// [`Self::merge`] (kept for callers that merge "everything").

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use peft_core::ops::{attention, gelu, AttentionSpec, Dropout};
 use peft_core::{
-    BottleneckHook, Embedding, HookPoint, LayerNorm, ModelBuilder, PromptSite, Result,
+    BottleneckHook, HookPoint, LayerNorm, ModelBuilder, PromptSite, Result, TunableEmbedding,
     TunableLinear, TunedParts, VirtualInput,
 };
 use serde::Deserialize;
@@ -97,9 +97,9 @@ impl BertConfig {
 }
 
 struct Embeddings {
-    word: Embedding,
-    position: Embedding,
-    token_type: Embedding,
+    word: Arc<TunableEmbedding>,
+    position: Arc<TunableEmbedding>,
+    token_type: Arc<TunableEmbedding>,
     norm: LayerNorm,
     dropout: Dropout,
 }
@@ -134,7 +134,7 @@ impl Embeddings {
         train: bool,
     ) -> Result<Tensor> {
         let (batch, _) = ids.dims2()?;
-        let mut words = self.word.forward(ids)?;
+        let mut words = self.word.forward(ids, train)?;
         let mut token_types = token_types.clone();
         if let Some(p) = prompt {
             let (n, dim) = p.dims2()?;
@@ -150,8 +150,8 @@ impl Embeddings {
         let first = first_position as u32;
         let positions = Tensor::arange(first, first + len as u32, ids.device())?.unsqueeze(0)?;
         let x = words
-            .broadcast_add(&self.position.forward(&positions)?)?
-            .add(&self.token_type.forward(&token_types)?)?;
+            .broadcast_add(&self.position.forward(&positions, train)?)?
+            .add(&self.token_type.forward(&token_types, train)?)?;
         Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
     }
 }
@@ -258,7 +258,7 @@ impl BertModel {
         let embeddings = Embeddings::new(cfg, &b.pp("embeddings"))?;
         let prompt = b
             .pp("embeddings")
-            .prompt_site(embeddings.word.table(), cfg.num_hidden_layers)?;
+            .prompt_site(&embeddings.word.table(), cfg.num_hidden_layers)?;
         let enc = b.pp("encoder").pp("layer");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, &enc.pp(i)))
@@ -285,7 +285,7 @@ impl BertModel {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Vec<Tensor>> {
-        let dtype = self.embeddings.word.table().dtype();
+        let dtype = self.embeddings.word.dtype();
         let virtual_input = self.prompt.active(train, dtype)?;
         let (batch, _) = ids.dims2()?;
         let with_virtual = |n: usize| -> Result<Tensor> {

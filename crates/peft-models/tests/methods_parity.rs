@@ -139,6 +139,11 @@ fn dora_matches_peft() {
 }
 
 #[test]
+fn lora_on_embeddings_matches_peft() {
+    check(tiny(), "lora_embedding_tiny", true);
+}
+
+#[test]
 fn ia3_matches_peft() {
     check(tiny(), "ia3_tiny", true);
     check(minilm(), "ia3_minilm", true);

@@ -127,7 +127,40 @@ pub fn add_weighted_adapter(
                 continue;
             };
             let target = target.as_lora().expect("a LoRA adapter was just added");
-            let (a, b) = combine_at(&linear, sources, combination, new_rank)?;
+            let pairs = sources
+                .iter()
+                .filter_map(|(s, w)| {
+                    let a = linear.adapter(s)?;
+                    let l = a.as_lora()?;
+                    Some((
+                        l.a.as_tensor().detach(),
+                        l.b.as_tensor().detach(),
+                        l.scaling,
+                        *w,
+                    ))
+                })
+                .collect();
+            let (a, b) = combine(pairs, combination, new_rank)?;
+            target.a.set(&a)?;
+            target.b.set(&b)?;
+        }
+        for table in registry.embeddings() {
+            let Some(target) = table.adapter(name) else {
+                continue;
+            };
+            let pairs = sources
+                .iter()
+                .filter_map(|(s, w)| {
+                    let l = table.adapter(s)?;
+                    Some((
+                        l.a.as_tensor().detach(),
+                        l.b.as_tensor().detach(),
+                        l.scaling,
+                        *w,
+                    ))
+                })
+                .collect();
+            let (a, b) = combine(pairs, combination, new_rank)?;
             target.a.set(&a)?;
             target.b.set(&b)?;
         }
@@ -140,24 +173,17 @@ pub fn add_weighted_adapter(
     Ok(params)
 }
 
-/// The combined `(A, B)` at one layer, `A` of `new_rank` rows.
-fn combine_at(
-    linear: &crate::TunableLinear,
-    sources: &[(&str, f64)],
+/// The combined `(A, B)` at one layer from its sources' `(A, B, scaling, weight)`, `A` of
+/// `new_rank` rows.
+fn combine(
+    sources: Vec<(Tensor, Tensor, f64, f64)>,
     combination: Combination,
     new_rank: usize,
 ) -> Result<(Tensor, Tensor)> {
     let mut parts_a = vec![];
     let mut parts_b = vec![];
-    for (source, weight) in sources {
-        let Some(adapter) = linear.adapter(source) else {
-            continue;
-        };
-        let Some(lora) = adapter.as_lora() else {
-            continue;
-        };
-        let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
-        let ws = weight * lora.scaling;
+    for (a, b, scaling, weight) in sources {
+        let ws = weight * scaling;
         match combination {
             Combination::Linear => {
                 let root = ws.abs().sqrt();

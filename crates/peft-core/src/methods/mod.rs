@@ -7,6 +7,7 @@ pub mod combine;
 mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod lora_embedding;
 pub mod prompt;
 
 use std::fmt::Debug;
