@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     let meta = AdapterMeta {
         base_model_fingerprint: model.parts.base_fingerprint.clone(),
         task: TASK.into(),
+        unfreeze: vec![],
         id2label: labels.to_id2label(),
         tokenizer: files.name.clone(),
         settings: settings(

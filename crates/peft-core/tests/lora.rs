@@ -245,6 +245,7 @@ fn meta(parts: &TunedParts) -> AdapterMeta {
     AdapterMeta {
         base_model_fingerprint: parts.base_fingerprint.clone(),
         task: "token_classification".into(),
+        unfreeze: vec![],
         id2label: Default::default(),
         tokenizer: "t".into(),
         settings: Default::default(),

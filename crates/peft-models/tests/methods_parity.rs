@@ -156,6 +156,15 @@ fn prompt_tuning_matches_peft() {
     check(minilm(), "prompt_minilm", false);
 }
 
+/// peft cannot run prefix tuning on BERT with transformers 5.24 (it looks for `past_key_values`
+/// in the forward signature): these fixtures call the backbone with peft's own prefixes as
+/// transformers' cache, as peft would (see the generator).
+#[test]
+fn prefix_tuning_matches_peft_prefixes() {
+    check(tiny(), "prefix_tiny", false);
+    check(tiny(), "prefix_proj_tiny", false);
+}
+
 #[test]
 fn prompt_text_init_gives_peft_initial_tokens() {
     let (files, labels) = tiny().unwrap();

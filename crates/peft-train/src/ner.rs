@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use peft_core::adapter_io::{self, AdapterMeta};
-use peft_core::TuningPlan;
 use peft_data::{read_conll, AlignOptions, Aligner, EncodedSplit, LabelSet, Sentence, TagScheme};
 use peft_models::{bert_token_classifier, resolve_model, BertForTokenClassification, ModelFiles};
 
@@ -110,7 +109,7 @@ pub fn settings(
 /// Loads the base model named in the adapter (or `base` if given), checks the fingerprint, and
 /// loads the adapter weights.
 pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Result<NerModel> {
-    let (adapter, file) = adapter_io::read_config(dir)?;
+    let (plan, file) = adapter_io::read_plan(dir)?;
     let meta = adapter_io::read_meta(dir)?.ok_or_else(|| {
         TrainError::config(
             "adapter",
@@ -151,11 +150,6 @@ pub fn load_ner_adapter(dir: &Path, base: Option<&str>, device: &Device) -> Resu
             .map(|v| v as usize),
     };
     let aligner = aligner_for(&files, options)?;
-    let plan = TuningPlan {
-        adapter: Some(adapter),
-        unfreeze: vec![],
-        seed: 0,
-    };
     let model = bert_token_classifier(&files, plan, labels.len(), device, DType::F32)?;
     adapter_io::check_fingerprint(dir, &meta, &model.parts)?;
     adapter_io::load_weights(dir, &model.parts.params)?;

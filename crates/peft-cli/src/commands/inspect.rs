@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use peft_core::adapter_io::{read_config, read_meta, WEIGHTS_FILE};
+use peft_core::adapter_io::{read_meta, read_plan, WEIGHTS_FILE};
 use peft_core::AdapterConfig;
 
 /// Total bytes of the files in a folder.
@@ -19,7 +19,7 @@ pub fn folder_bytes(dir: &Path) -> Result<u64> {
 }
 
 pub fn run(dir: &Path, json: bool) -> Result<()> {
-    let (adapter, file) = read_config(dir)?;
+    let (plan, file) = read_plan(dir)?;
     let meta = read_meta(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
@@ -37,13 +37,16 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
         .filter(|(k, _)| !is_head(k))
         .map(|(_, t)| t.elem_count())
         .sum();
-    let mut settings = serde_json::to_value(&adapter)?;
-    if let (serde_json::Value::Object(m), AdapterConfig::Lora(cfg)) = (&mut settings, &adapter) {
+    let mut settings = serde_json::to_value(&plan.adapter)?;
+    if let (serde_json::Value::Object(m), Some(AdapterConfig::Lora(cfg))) =
+        (&mut settings, &plan.adapter)
+    {
         m.insert("scaling".into(), serde_json::json!(cfg.scaling()));
     }
     let report = serde_json::json!({
         "folder": dir.display().to_string(),
-        "peft_type": adapter.peft_type(),
+        "peft_type": file.peft_type,
+        "unfreeze": plan.unfreeze,
         "settings": settings,
         "base_model": file.base_model_name_or_path,
         "task_type": file.task_type,

@@ -24,26 +24,29 @@ pub fn merged_tensors(ner: &NerModel) -> Result<BTreeMap<String, Tensor>> {
     parts.registry.merge_all()?;
     // SAFETY: read-only mapping of checkpoint files we do not modify.
     let base = unsafe { MmapedSafetensors::multi(&ner.files.weights) }?;
-    let linears: BTreeMap<String, _> = parts
-        .registry
-        .linears()
-        .into_iter()
-        .map(|l| (format!("{}.weight", l.path()), l))
-        .collect();
+    // The layers' current (merged) weights, biases and tables, by tensor name.
+    let mut current: BTreeMap<String, Tensor> = BTreeMap::new();
+    for l in parts.registry.linears() {
+        current.insert(format!("{}.weight", l.path()), l.weight());
+        if let Some(b) = l.bias() {
+            current.insert(format!("{}.bias", l.path()), b);
+        }
+    }
+    for e in parts.registry.embeddings() {
+        current.insert(format!("{}.weight", e.path()), e.table());
+    }
     let mut out = BTreeMap::new();
     for (name, key) in &parts.base_tensors {
-        let t = if let Some(l) = linears.get(name) {
-            l.weight()
-        } else {
-            base.load(key, &Device::Cpu)
-                .with_context(|| format!("base tensor `{key}`"))?
+        let t = match current.get(name) {
+            Some(t) => t.detach(),
+            None => base
+                .load(key, &Device::Cpu)
+                .with_context(|| format!("base tensor `{key}`"))?,
         };
         out.insert(name.clone(), t);
     }
-    for (name, var) in parts.params.named_vars() {
-        if !name.contains(".lora_") {
-            out.insert(name, var.as_tensor().clone());
-        }
+    for (name, var) in peft_core::adapter_io::base_trainables(parts)?.named_vars() {
+        out.insert(name, var.as_tensor().clone());
     }
     Ok(out)
 }

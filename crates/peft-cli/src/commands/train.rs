@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use peft_core::adapter_io::{self, AdapterMeta};
 use peft_core::device::{parse_device, parse_dtype};
-use peft_core::TuningPlan;
+use peft_core::{AdapterConfig, PromptTuningConfig, TuningPlan};
 use peft_data::{AlignOptions, Batcher, Collator, LabelSet};
 use peft_models::{bert_token_classifier, resolve_model};
 use peft_train::ner::{aligner_for, load_split, settings, TASK};
@@ -55,8 +55,12 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         labels.len()
     );
 
+    let mut adapter = recipe.adapter.clone();
+    if let Some(AdapterConfig::PromptTuning(c)) = &mut adapter {
+        fill_prompt_token_ids(c, &aligner)?;
+    }
     let plan = TuningPlan {
-        adapter: recipe.adapter.clone(),
+        adapter,
         unfreeze: recipe.tuning.unfreeze.clone(),
         seed: recipe.train.seed,
     };
@@ -118,6 +122,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let meta = AdapterMeta {
         base_model_fingerprint: model.parts.base_fingerprint.clone(),
         task: TASK.into(),
+        unfreeze: recipe.tuning.unfreeze.clone(),
         id2label: labels.to_id2label(),
         tokenizer: files.name.clone(),
         settings: settings(&options, d.tag_scheme, &data_paths),
@@ -176,5 +181,24 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         summary.train_seconds, summary.tokens_per_second
     );
     println!("run log       {}", recipe.output.run_dir.display());
+    Ok(())
+}
+
+/// Tokenises prompt tuning's init text (special tokens included, as peft does) when the recipe
+/// asks for text initialisation and gives no ids.
+fn fill_prompt_token_ids(c: &mut PromptTuningConfig, aligner: &peft_data::Aligner) -> Result<()> {
+    use peft_core::methods::prompt::PromptInit;
+    if c.prompt_tuning_init != PromptInit::Text || c.init_token_ids.is_some() {
+        return Ok(());
+    }
+    let text = c
+        .prompt_tuning_init_text
+        .as_deref()
+        .context("adapter.prompt_tuning_init_text: text initialisation needs the text")?;
+    let encoding = aligner
+        .tokenizer()
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("adapter.prompt_tuning_init_text: {e}"))?;
+    c.init_token_ids = Some(encoding.get_ids().to_vec());
     Ok(())
 }

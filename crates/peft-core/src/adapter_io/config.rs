@@ -109,9 +109,7 @@ impl PeftJson {
     }
 }
 
-/// Reads `adapter_config.json` in `dir` and turns it into an adapter config, refusing what this
-/// version cannot reproduce exactly.
-pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
+fn read_json(dir: &Path) -> Result<(PathBuf, Map<String, Value>, PeftConfigFile)> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
     let invalid =
@@ -119,6 +117,18 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
     let map: Map<String, Value> = serde_json::from_str(&text).map_err(invalid)?;
     let file: PeftConfigFile =
         serde_json::from_value(Value::Object(map.clone())).map_err(invalid)?;
+    Ok((path, map, file))
+}
+
+/// The fields every `adapter_config.json` has, for any `peft_type`.
+pub fn read_config_file(dir: &Path) -> Result<PeftConfigFile> {
+    Ok(read_json(dir)?.2)
+}
+
+/// Reads `adapter_config.json` in `dir` and turns it into an adapter config, refusing what this
+/// version cannot reproduce exactly.
+pub fn read_config(dir: &Path) -> Result<(AdapterConfig, PeftConfigFile)> {
+    let (path, map, file) = read_json(dir)?;
     let json = PeftJson::new(&path, map);
     let adapter = match file.peft_type.as_str() {
         "LORA" => AdapterConfig::Lora(LoraConfig::from_peft(&json)?),

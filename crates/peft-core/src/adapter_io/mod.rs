@@ -13,12 +13,15 @@ use crate::error::{PeftError, Result};
 use crate::fsio::{write_atomic, write_atomic_with};
 use crate::methods::AdapterConfig;
 use crate::params::ParamStore;
-use crate::TunedParts;
+use crate::{TunedParts, TuningPlan};
 
 mod config;
 
 pub use crate::methods::SUPPORTED_PEFT_TYPES;
-pub use config::{peft_config_json, read_config, PeftConfigFile, PeftJson};
+pub use config::{peft_config_json, read_config, read_config_file, PeftConfigFile, PeftJson};
+
+/// peft-rs's own `peft_type` for a folder without adapter: trained base parameters and heads.
+pub const UNFROZEN_TYPE: &str = "UNFROZEN";
 
 /// peft's prefix of every key in `adapter_model.safetensors`.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -39,6 +42,9 @@ pub struct AdapterMeta {
     /// Label names by id, as transformers writes `id2label` in config.json.
     #[serde(default)]
     pub id2label: BTreeMap<String, String>,
+    /// The tuning plan's unfreeze patterns: which base parameters the file holds.
+    #[serde(default)]
+    pub unfreeze: Vec<String>,
     /// Where the tokenizer comes from (a Hugging Face id or a folder).
     pub tokenizer: String,
     /// Task-specific settings inference needs (max length, label alignment, ...).
@@ -133,11 +139,101 @@ pub fn save(
     task_type: &str,
     meta: &AdapterMeta,
 ) -> Result<()> {
-    let name = parts.registry.active().ok_or_else(|| PeftError::Config {
-        key: "adapter".into(),
-        message: "the model has no active adapter to save".into(),
+    match parts.registry.active() {
+        Some(name) => save_named(dir, parts, &name, base_model, task_type, Some(meta)),
+        None => save_unfrozen(dir, parts, base_model, task_type, meta),
+    }
+}
+
+/// Writes a model trained without an adapter (head only, BitFit, LayerNorm tuning): its trained
+/// base parameters and heads under peft-rs's own `peft_type = "UNFROZEN"`.
+fn save_unfrozen(
+    dir: &Path,
+    parts: &TunedParts,
+    base_model: &str,
+    task_type: &str,
+    meta: &AdapterMeta,
+) -> Result<()> {
+    let trained = base_trainables(parts)?;
+    if trained.is_empty() {
+        return Err(PeftError::Config {
+            key: "adapter".into(),
+            message: "the model has no adapter and no trainable parameter to save".into(),
+        });
+    }
+    let tensors: Vec<(String, Tensor)> = trained
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (format!("{KEY_PREFIX}{n}"), v.as_tensor().clone()))
+        .collect();
+    let config = serde_json::json!({
+        "base_model_name_or_path": base_model,
+        "modules_to_save": modules_to_save(&trained),
+        "peft_type": UNFROZEN_TYPE,
+        "task_type": task_type,
+        "unfreeze": parts.plan.unfreeze,
+    });
+    write_folder(dir, &tensors, &config, Some(meta))
+}
+
+fn write_folder(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    config: &serde_json::Value,
+    meta: Option<&AdapterMeta>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    write_atomic_with(&weights, |tmp| {
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(|e| PeftError::io(tmp, e))
     })?;
-    save_named(dir, parts, &name, base_model, task_type, Some(meta))
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    if let Some(meta) = meta {
+        let meta_text = serde_json::to_string_pretty(meta)
+            .map_err(|e| PeftError::io(dir.join(META_FILE), e))?;
+        write_atomic(&dir.join(META_FILE), meta_text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The tuning plan that rebuilds the model an adapter folder was saved from: its adapter (none
+/// for `UNFROZEN`), and the unfreeze patterns of `peft_rs.json`, or for folders made by Python
+/// peft, whole `modules_to_save`.
+pub fn read_plan(dir: &Path) -> Result<(TuningPlan, PeftConfigFile)> {
+    let file = read_config_file(dir)?;
+    let adapter = if file.peft_type == UNFROZEN_TYPE {
+        None
+    } else {
+        Some(read_config(dir)?.0)
+    };
+    let unfreeze = match read_meta(dir)? {
+        Some(meta) => meta.unfreeze,
+        None => file
+            .modules_to_save
+            .iter()
+            .flatten()
+            .map(|m| format!("{}\\..*", regex::escape(m)))
+            .collect(),
+    };
+    Ok((
+        TuningPlan {
+            adapter,
+            unfreeze,
+            seed: 0,
+        },
+        file,
+    ))
 }
 
 /// Writes adapter `name` of the model with its task head(s): peft's two files, and
@@ -158,7 +254,6 @@ pub fn save_named(
             message: format!("the model has no adapter `{name}` to save"),
         })?;
     let heads = base_trainables(parts)?;
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let tensors: Vec<(String, Tensor)> = parts
         .registry
         .tensors_to_save(name)?
@@ -171,34 +266,13 @@ pub fn save_named(
         )
         .map(|(n, t)| (file_key(&n, key_prefix(&entry.config)), t))
         .collect();
-    let weights = dir.join(WEIGHTS_FILE);
-    write_atomic_with(&weights, |tmp| {
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            Some(metadata),
-            tmp,
-        )
-        .map_err(|e| PeftError::io(tmp, e))
-    })?;
     let config = peft_config_json(
         &entry.config,
         base_model,
         task_type,
         &modules_to_save(&heads),
     );
-    write_atomic(
-        &dir.join(CONFIG_FILE),
-        serde_json::to_string_pretty(&config)
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    if let Some(meta) = meta {
-        let meta_text = serde_json::to_string_pretty(meta)
-            .map_err(|e| PeftError::io(dir.join(META_FILE), e))?;
-        write_atomic(&dir.join(META_FILE), meta_text.as_bytes())?;
-    }
-    Ok(())
+    write_folder(dir, &tensors, &config, meta)
 }
 
 /// Adds the adapter saved in `dir` (by peft-rs or Python peft) to the model as `name`, with its
