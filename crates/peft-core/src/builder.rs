@@ -75,12 +75,13 @@ impl ModelBuilder {
         let seed = plan.seed;
         let plan = CompiledPlan::new(plan)?;
         let dropout_rng = DropoutRng::new(seed.wrapping_add(1));
+        let params = ParamStore::default();
         Ok(Self {
             shared: Arc::new(Shared {
                 weights,
                 plan,
-                params: ParamStore::default(),
-                registry: Registry::new(seed, dropout_rng.clone(), device.clone()),
+                params: params.clone(),
+                registry: Registry::new(seed, dropout_rng.clone(), device.clone(), params),
                 dtype,
                 device,
                 strip_prefix: None,

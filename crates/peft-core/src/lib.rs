@@ -13,6 +13,7 @@ pub mod device;
 mod embedding;
 mod error;
 pub mod fsio;
+mod heads;
 mod layers;
 mod linear;
 pub mod methods;
@@ -37,7 +38,7 @@ pub use methods::{
 };
 pub use params::ParamStore;
 pub use plan::{CompiledPlan, TuningPlan};
-pub use registry::{AdapterEntry, Registry};
+pub use registry::{AdapterEntry, HeadsOf, Registry};
 pub use site::Site;
 pub use target::{TargetMatcher, TargetModules};
 pub use weights::{Init, WeightSource};

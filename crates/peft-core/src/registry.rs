@@ -10,6 +10,7 @@ use rand::SeedableRng;
 
 use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
+use crate::heads::HeadBanks;
 use crate::linear::TunableLinear;
 use crate::methods::bottleneck::{BottleneckHook, BottleneckLayer};
 use crate::methods::lora_embedding::LoraEmbedding;
@@ -38,6 +39,13 @@ struct Inner {
     adapters: BTreeMap<String, AdapterEntry>,
 }
 
+/// One adapter's copy of the trainable base parameters (see [`Registry::heads_of`]).
+pub struct HeadsOf {
+    /// The tensors by name.
+    pub vars: Vec<(String, candle_core::Var)>,
+    bank: Option<String>,
+}
+
 /// The parts of one new adapter, before they are attached.
 enum Pieces {
     Linear(
@@ -62,6 +70,7 @@ pub struct Registry {
     inner: Arc<Mutex<Inner>>,
     switch: AdapterSwitch,
     ctx: InjectionContext,
+    heads: HeadBanks,
 }
 
 impl std::fmt::Debug for Registry {
@@ -82,7 +91,14 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 
 impl Registry {
     /// An empty registry whose adapters initialise from `seed` and drop out with `dropout_rng`.
-    pub(crate) fn new(seed: u64, dropout_rng: DropoutRng, device: Device) -> Self {
+    /// `params` is the model's store of trainable tensors: the registry keeps one copy of its
+    /// non-adapter tensors (task heads, unfrozen layers) per adapter.
+    pub(crate) fn new(
+        seed: u64,
+        dropout_rng: DropoutRng,
+        device: Device,
+        params: ParamStore,
+    ) -> Self {
         Self {
             inner: Arc::default(),
             switch: AdapterSwitch::default(),
@@ -91,6 +107,46 @@ impl Registry {
                 dropout_rng,
                 device,
             },
+            heads: HeadBanks::new(params),
+        }
+    }
+
+    fn adapter_param_names(&self) -> std::collections::HashSet<String> {
+        self.lock()
+            .adapters
+            .values()
+            .flat_map(|e| e.params.named_vars().into_iter().map(|(n, _)| n))
+            .collect()
+    }
+
+    /// The model's trainable tensors that belong to no adapter (task heads, unfrozen base
+    /// parameters), as the selected adapter sees them. Each adapter has its own copy, as peft's
+    /// `modules_to_save`: selecting another adapter swaps the values in.
+    pub fn base_trainables(&self) -> Vec<(String, candle_core::Var)> {
+        self.heads.live(&self.adapter_param_names())
+    }
+
+    /// Adapter `name`'s copy of [`Self::base_trainables`], to read or load values into: the live
+    /// tensors when `name` is selected, else tensors that `finish` writes back to its copy.
+    pub fn heads_of(&self, name: &str) -> Result<HeadsOf> {
+        let live = self.base_trainables();
+        if self.switch.selected().as_deref() == Some(name) {
+            return Ok(HeadsOf {
+                vars: live,
+                bank: None,
+            });
+        }
+        Ok(HeadsOf {
+            vars: self.heads.bank_vars(name, &live)?,
+            bank: Some(name.to_string()),
+        })
+    }
+
+    /// Writes values loaded into [`Self::heads_of`]'s tensors back to the adapter's copy.
+    pub fn finish_heads(&self, heads: HeadsOf) -> Result<()> {
+        match heads.bank {
+            Some(name) => self.heads.store_back(&name, &heads.vars),
+            None => Ok(()),
         }
     }
 
@@ -323,6 +379,10 @@ impl Registry {
         );
         if self.switch.selected().is_none() {
             self.switch.select(Some(name.to_string()));
+        } else {
+            // A new adapter starts with a copy of the current heads.
+            let live = self.base_trainables();
+            self.heads.stash(name, &live)?;
         }
         Ok(params)
     }
@@ -432,7 +492,15 @@ impl Registry {
             return Err(self.unknown(name));
         }
         self.refuse_while_merged("switch adapters")?;
-        self.switch.select(Some(name.to_string()));
+        let selected = self.switch.selected();
+        if selected.as_deref() != Some(name) {
+            let live = self.base_trainables();
+            if let Some(old) = selected {
+                self.heads.stash(&old, &live)?;
+            }
+            self.heads.restore(name, &live)?;
+            self.switch.select(Some(name.to_string()));
+        }
         self.switch.set_disabled(false);
         Ok(())
     }
@@ -480,6 +548,7 @@ impl Registry {
         }
         inner.adapters.remove(name);
         drop(inner);
+        self.heads.drop_bank(name);
         if self.switch.selected().as_deref() == Some(name) {
             self.switch.select(None);
         }

@@ -111,21 +111,12 @@ pub fn modules_to_save(base_trainables: &ParamStore) -> Vec<String> {
     mods
 }
 
-/// The model's trainable parameters that belong to no adapter: task heads and unfrozen base
-/// parameters, shared by all adapters of the model.
+/// The model's trainable parameters that belong to no adapter (task heads, unfrozen base
+/// parameters), with the selected adapter's values.
 pub fn base_trainables(parts: &TunedParts) -> Result<ParamStore> {
-    let adapter_names: std::collections::HashSet<String> = parts
-        .registry
-        .adapter_names()
-        .iter()
-        .filter_map(|a| parts.registry.adapter(a))
-        .flat_map(|e| e.params.named_vars().into_iter().map(|(n, _)| n))
-        .collect();
     let out = ParamStore::default();
-    for (n, v) in parts.params.named_vars() {
-        if !adapter_names.contains(&n) {
-            out.insert(&n, v)?;
-        }
+    for (n, v) in parts.registry.base_trainables() {
+        out.insert(&n, v)?;
     }
     Ok(out)
 }
@@ -253,7 +244,10 @@ pub fn save_named(
             key: "adapter".into(),
             message: format!("the model has no adapter `{name}` to save"),
         })?;
-    let heads = base_trainables(parts)?;
+    let heads = ParamStore::default();
+    for (n, v) in parts.registry.heads_of(name)?.vars {
+        heads.insert(&n, v)?;
+    }
     let tensors: Vec<(String, Tensor)> = parts
         .registry
         .tensors_to_save(name)?
@@ -281,16 +275,18 @@ pub fn save_named(
 pub fn load_adapter(dir: &Path, parts: &TunedParts, name: &str) -> Result<()> {
     let (config, _) = read_config(dir)?;
     let adapter = parts.registry.add_adapter(name, &config)?;
-    let targets = ParamStore::default();
     let loaded = (|| {
+        let heads = parts.registry.heads_of(name)?;
+        let targets = ParamStore::default();
         for (n, v) in adapter
             .named_vars()
             .into_iter()
-            .chain(base_trainables(parts)?.named_vars())
+            .chain(heads.vars.iter().cloned())
         {
             targets.insert(&n, v)?;
         }
-        load_weights(dir, &targets)
+        load_weights(dir, &targets)?;
+        parts.registry.finish_heads(heads)
     })();
     if let Err(e) = loaded {
         parts.registry.delete_adapter(name)?;
