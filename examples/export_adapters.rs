@@ -1,5 +1,6 @@
 //! Writes one adapter folder per method that Python peft reads (LoRA, rsLoRA, DoRA, LoRA on
-//! embeddings, IA3, prompt tuning, prefix tuning with and without its MLP) on the tiny test BERT,
+//! embeddings, PiSSA (saved as a rank-2r LoRA), IA3, prompt tuning, prefix tuning with and without
+//! its MLP) on the tiny test BERT,
 //! with every adapter tensor and the head randomised, plus the logits peft-rs computes for them:
 //!
 //!     cargo run --example export_adapters -- OUT_DIR
@@ -28,6 +29,8 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
     let mut dora = lora.clone();
     dora.use_dora = true;
     let embedding = LoraConfig::new(4, 8.0, &["word_embeddings", "query"]);
+    let mut pissa = LoraConfig::new(2, 2.0, &["query", "value"]);
+    pissa.init = peft_core::LoraInit::Pissa;
     let prompt = PromptTuningConfig {
         num_virtual_tokens: 4,
         prompt_tuning_init: Default::default(),
@@ -45,6 +48,7 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
         ("rslora", AdapterConfig::Lora(rslora)),
         ("dora", AdapterConfig::Lora(dora)),
         ("lora_embedding", AdapterConfig::Lora(embedding)),
+        ("pissa", AdapterConfig::Lora(pissa)),
         ("ia3", AdapterConfig::Ia3(Ia3Config::bert_default())),
         ("prompt", AdapterConfig::PromptTuning(prompt)),
         ("prefix", AdapterConfig::PrefixTuning(prefix(false))),

@@ -301,6 +301,31 @@ run_dir = "r"
         assert!(format!("{err:#}").contains("lora"), "{err:#}");
     }
 
+    /// Every recipe the project ships parses, and its adapter and unfreeze patterns compile.
+    #[test]
+    fn shipped_recipes_parse_and_compile() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+        let mut paths = vec![];
+        for dir in [root.clone(), root.join("methods")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let p = entry.unwrap().path();
+                if p.extension().is_some_and(|e| e == "toml") {
+                    paths.push(p);
+                }
+            }
+        }
+        assert!(paths.len() >= 15, "{paths:?}");
+        for p in paths {
+            let r = Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            let plan = peft_core::TuningPlan {
+                adapter: r.adapter,
+                unfreeze: r.tuning.unfreeze,
+                seed: r.train.seed,
+            };
+            peft_core::CompiledPlan::new(plan).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
+
     #[test]
     fn missing_recipe_file_is_named() {
         let err = Recipe::load(Path::new("/no/such/recipe.toml"), &[]).unwrap_err();

@@ -114,12 +114,29 @@ impl TunableLinear {
         (d[1], d[0])
     }
 
-    pub(crate) fn insert_adapter(&self, name: &str, adapter: Arc<dyn LinearAdapter>) {
-        self.state_mut().adapters.insert(name.to_string(), adapter);
+    /// Adds adapter `name`; `new_weight` replaces the base weight for methods that change it.
+    pub(crate) fn insert_adapter(
+        &self,
+        name: &str,
+        adapter: Arc<dyn LinearAdapter>,
+        new_weight: Option<Tensor>,
+    ) {
+        let mut state = self.state_mut();
+        if let Some(w) = new_weight {
+            state.weight = w;
+        }
+        state.adapters.insert(name.to_string(), adapter);
     }
 
-    pub(crate) fn remove_adapter(&self, name: &str) {
-        self.state_mut().adapters.remove(name);
+    /// Removes adapter `name`, putting back the base weight it replaced, if any.
+    pub(crate) fn remove_adapter(&self, name: &str) -> Result<()> {
+        let mut state = self.state_mut();
+        if let Some(adapter) = state.adapters.remove(name) {
+            if let Some(w) = adapter.restored_base(&state.weight)? {
+                state.weight = w;
+            }
+        }
+        Ok(())
     }
 
     /// Applies the layer to `x` of shape `(..., in)`.

@@ -46,10 +46,17 @@ pub struct HeadsOf {
     bank: Option<String>,
 }
 
+/// A linear layer, its new adapter, and the base weight the adapter replaces (PiSSA).
+type LinearPiece = (
+    Arc<TunableLinear>,
+    Arc<dyn LinearAdapter>,
+    Option<candle_core::Tensor>,
+);
+
 /// The parts of one new adapter, before they are attached.
 enum Pieces {
     Linear(
-        Vec<(Arc<TunableLinear>, Arc<dyn LinearAdapter>)>,
+        Vec<LinearPiece>,
         Vec<(Arc<TunableEmbedding>, Arc<LoraEmbedding>)>,
     ),
     Hooks(Vec<(Arc<BottleneckHook>, Arc<BottleneckLayer>)>),
@@ -224,12 +231,30 @@ impl Registry {
         if let Some(tokens) = prompt.and_then(|p| p.site.get(name)) {
             return tokens.tensors_to_save();
         }
-        Ok(entry
-            .params
-            .named_vars()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect())
+        if !matches!(entry.config, AdapterConfig::Lora(_) | AdapterConfig::Ia3(_)) {
+            return Ok(entry
+                .params
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect());
+        }
+        let mut out = vec![];
+        for l in self.linears() {
+            if let Some(a) = l.adapter(name) {
+                for (key, t) in a.tensors_to_save()? {
+                    out.push((format!("{}.{key}", l.path()), t));
+                }
+            }
+        }
+        for e in self.embeddings() {
+            if let Some(a) = e.adapter(name) {
+                for (key, v) in a.named_params() {
+                    out.push((format!("{}.{key}", e.path()), v.as_tensor().clone()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// All linear layers, sorted by path.
@@ -324,6 +349,14 @@ impl Registry {
         }
         config.validate()?;
         self.refuse_while_merged("add an adapter")?;
+        if let AdapterConfig::Lora(c) = config {
+            if c.init == crate::methods::LoraInit::Pissa && !self.adapter_names().is_empty() {
+                return Err(config_error(
+                    "adapter.init",
+                    "PiSSA replaces the base weights: add it before any other adapter",
+                ));
+            }
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(name_seed(self.ctx.seed, name));
         let pieces = self.build_pieces(config, &mut rng)?;
         let params = ParamStore::default();
@@ -340,7 +373,7 @@ impl Registry {
         };
         match &pieces {
             Pieces::Linear(layers, embeddings) => {
-                for (l, a) in layers {
+                for (l, a, _) in layers {
                     add(l.path(), a.named_params())?;
                 }
                 for (e, a) in embeddings {
@@ -356,8 +389,8 @@ impl Registry {
         }
         match pieces {
             Pieces::Linear(layers, embeddings) => {
-                for (l, a) in layers {
-                    l.insert_adapter(name, a);
+                for (l, a, new_base) in layers {
+                    l.insert_adapter(name, a, new_base);
                 }
                 for (e, a) in embeddings {
                     e.insert_adapter(name, a);
@@ -408,9 +441,11 @@ impl Registry {
                         rng: &mut *rng,
                         dropout_rng: self.ctx.dropout_rng.clone(),
                         device,
+                        new_base_weight: None,
                     };
                     let layer = config.linear_layer(&mut ctx)?;
-                    layers.push((linear.clone(), Arc::from(layer)));
+                    let new_base = ctx.new_base_weight.take();
+                    layers.push((linear.clone(), Arc::from(layer), new_base));
                 }
                 let mut embeddings = vec![];
                 if let AdapterConfig::Lora(c) = config {
@@ -534,7 +569,7 @@ impl Registry {
             ));
         }
         for l in self.linears() {
-            l.remove_adapter(name);
+            l.remove_adapter(name)?;
         }
         for e in self.embeddings() {
             e.remove_adapter(name);

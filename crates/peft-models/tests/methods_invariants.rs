@@ -244,7 +244,9 @@ fn save_and_load_round_trip_every_method() {
         let fresh = build(plan.adapter);
         adapter_io::load_weights(dir.path(), &fresh.parts.params).unwrap();
         let d = max_diff(&logits(&fresh), &expected);
-        assert!(d < 1e-6, "{name}: reloaded logits differ by {d}");
+        // PiSSA is saved as a rank-2r LoRA on the original base: equal up to f32 rounding.
+        let tol = if name == "pissa" { 1e-5 } else { 1e-6 };
+        assert!(d < tol, "{name}: reloaded logits differ by {d}");
     }
 }
 
@@ -365,6 +367,35 @@ fn bad_input_is_refused_and_leaves_the_model_as_it_was() {
     );
     assert_eq!(registry.active().as_deref(), Some("default"));
     assert!(max_diff(&logits(&m), &before) < 1e-5);
+
+    // Deleting a PiSSA adapter puts the original base weights back.
+    let mut pissa = LoraConfig::new(2, 2.0, &["query"]);
+    pissa.init = peft_core::LoraInit::Pissa;
+    let p = build(Some(AdapterConfig::Lora(pissa.clone())));
+    let q = p
+        .parts
+        .registry
+        .linear("bert.encoder.layer.0.attention.self.query")
+        .unwrap();
+    let original = build(None)
+        .parts
+        .registry
+        .linear(q.path())
+        .unwrap()
+        .weight();
+    assert!(
+        max_diff(&q.weight(), &original) > 1e-3,
+        "the base holds the residual"
+    );
+    let err = p
+        .parts
+        .registry
+        .add_adapter("second", &AdapterConfig::Lora(pissa))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("before any other adapter"), "{err}");
+    p.parts.registry.delete_adapter("default").unwrap();
+    assert!(max_diff(&q.weight(), &original) < 1e-6);
 
     // Methods without a merge refuse it.
     let b = build(Some(AdapterConfig::Bottleneck(bottleneck(

@@ -261,7 +261,7 @@ pub fn save_named(
         .map(|(n, t)| (file_key(&n, key_prefix(&entry.config)), t))
         .collect();
     let config = peft_config_json(
-        &entry.config,
+        &entry.config.saved_config(),
         base_model,
         task_type,
         &modules_to_save(&heads),

@@ -78,7 +78,9 @@ pub fn add_weighted_adapter(
     let mut configs: Vec<LoraConfig> = vec![];
     for (source, _) in sources {
         match registry.adapter(source).map(|e| e.config) {
-            Some(AdapterConfig::Lora(c)) if !c.use_dora => configs.push(c),
+            Some(AdapterConfig::Lora(c)) if !c.use_dora && c.init != super::LoraInit::Pissa => {
+                configs.push(c)
+            }
             Some(other) => {
                 return Err(error(format!(
                     "adapter `{source}` is {}{}: only plain LoRA adapters combine",

@@ -21,6 +21,9 @@ pub enum LoraInit {
     Kaiming,
     /// Normal with standard deviation `1/r`, as peft's `init_lora_weights="gaussian"`.
     Gaussian,
+    /// The base weight's principal singular vectors, the base replaced by the residual
+    /// (peft's `pissa_niter_4`); saved as a plain LoRA of twice the rank (see [`super::pissa`]).
+    Pissa,
 }
 
 /// LoRA hyper-parameters, with Hugging Face peft's names.
@@ -102,6 +105,9 @@ impl LoraConfig {
         if !self.lora_alpha.is_finite() {
             return bad("lora_alpha", "expected a finite number".into());
         }
+        if self.init == LoraInit::Pissa && self.use_dora {
+            return bad("init", "PiSSA with DoRA is not supported".into());
+        }
         Ok(())
     }
 }
@@ -118,6 +124,8 @@ pub struct LoraLayer {
     pub scaling: f64,
     magnitude: Option<Magnitude>,
     dropout: Dropout,
+    /// PiSSA's initial `(A₀, B₀)`, kept to convert the adapter for the original base at save.
+    initial: Option<(Tensor, Tensor)>,
 }
 
 impl LoraLayer {
@@ -125,7 +133,20 @@ impl LoraLayer {
     pub fn new(cfg: &LoraConfig, ctx: &mut LayerContext<'_>) -> Result<Self> {
         let (out_features, in_features) = ctx.weight.dims2()?;
         let r = cfg.r;
+        if cfg.init == LoraInit::Pissa {
+            let (a, b, residual) = super::pissa::pissa_init(ctx.weight, r, cfg.scaling(), ctx.rng)?;
+            ctx.new_base_weight = Some(residual);
+            return Ok(Self {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                scaling: cfg.scaling(),
+                magnitude: None,
+                dropout: Dropout::new(cfg.lora_dropout, ctx.dropout_rng.clone()),
+                initial: Some((a, b)),
+            });
+        }
         let a: Vec<f32> = match cfg.init {
+            LoraInit::Pissa => unreachable!("handled above"),
             // kaiming_uniform_(a=√5): bound = gain·√(3/fan_in) with gain = √(2/(1+5)) = 1/√fan_in.
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f64).sqrt();
@@ -150,6 +171,7 @@ impl LoraLayer {
             scaling: cfg.scaling(),
             magnitude,
             dropout: Dropout::new(cfg.lora_dropout, ctx.dropout_rng.clone()),
+            initial: None,
         })
     }
 
@@ -248,6 +270,35 @@ impl LinearAdapter for LoraLayer {
         Ok((w, bias.cloned()))
     }
 
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+        let Some((a0, b0)) = &self.initial else {
+            return Ok(self
+                .named_params()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect());
+        };
+        // W_res + s·B·A = W + s·(B·A − B₀·A₀): a rank-2r LoRA on the original base.
+        Ok(vec![
+            (
+                "lora_A.weight".into(),
+                Tensor::cat(&[self.a.as_tensor(), a0], 0)?,
+            ),
+            (
+                "lora_B.weight".into(),
+                Tensor::cat(&[self.b.as_tensor(), &b0.neg()?], 1)?,
+            ),
+        ])
+    }
+
+    fn restored_base(&self, weight: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a0, b0)) = &self.initial else {
+            return Ok(None);
+        };
+        let delta = (b0.matmul(a0)? * self.scaling)?.to_dtype(weight.dtype())?;
+        Ok(Some((weight + delta)?))
+    }
+
     fn as_lora(&self) -> Option<&LoraLayer> {
         Some(self)
     }
@@ -300,6 +351,7 @@ impl LoraConfig {
             "init_lora_weights": match self.init {
                 LoraInit::Kaiming => serde_json::json!(true),
                 LoraInit::Gaussian => serde_json::json!("gaussian"),
+                LoraInit::Pissa => serde_json::json!("pissa_niter_4"),
             },
             "layer_replication": null,
             "layers_pattern": if self.layers_pattern.is_empty() { serde_json::Value::Null } else { serde_json::json!(self.layers_pattern) },

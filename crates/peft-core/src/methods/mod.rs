@@ -8,6 +8,7 @@ mod dora;
 pub mod ia3;
 pub mod lora;
 pub mod lora_embedding;
+pub mod pissa;
 pub mod prompt;
 
 use std::fmt::Debug;
@@ -75,6 +76,21 @@ impl AdapterConfig {
         }
     }
 
+    /// The settings a file records: those of the tensors [`LinearAdapter::tensors_to_save`]
+    /// writes (a PiSSA adapter is saved as a plain LoRA of twice the rank).
+    pub fn saved_config(&self) -> Self {
+        match self {
+            Self::Lora(c) if c.init == LoraInit::Pissa => {
+                let mut c = c.clone();
+                c.r *= 2;
+                c.lora_alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
+                c.init = LoraInit::Kaiming;
+                Self::Lora(c)
+            }
+            other => other.clone(),
+        }
+    }
+
     /// Whether the adapter can be folded into the base weights.
     pub fn is_mergeable(&self) -> bool {
         matches!(self, Self::Lora(_) | Self::Ia3(_))
@@ -123,6 +139,8 @@ pub struct LayerContext<'a> {
     pub dropout_rng: DropoutRng,
     /// Where the adapter's parameters live.
     pub device: &'a Device,
+    /// Set by methods that replace the base weight (PiSSA's residual).
+    pub new_base_weight: Option<Tensor>,
 }
 
 /// The base of a linear layer as an adapter sees it: frozen tensors, or `Var`s when the base
@@ -184,6 +202,21 @@ pub trait LinearAdapter: Debug + Send + Sync {
 
     /// Undoes [`Self::merged`] on its output.
     fn unmerged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+
+    /// The tensors a file stores, with their keys (the parameters, unless the method converts
+    /// them at save, as PiSSA does).
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .named_params()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect())
+    }
+
+    /// The base weight to put back when the adapter is deleted, for methods that changed it.
+    fn restored_base(&self, _weight: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 
     /// The LoRA layer, for methods that are one (weighted combinations, inspection).
     fn as_lora(&self) -> Option<&LoraLayer> {
