@@ -19,8 +19,18 @@ impl LayerNorm {
         Self { gamma, beta, eps }
     }
 
-    /// Normalises `x`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(layer_norm(x, &self.gamma, &self.beta, self.eps)?)
+    /// Normalises `x`. At evaluation (`train = false`) trainable parameters are used detached,
+    /// so that no autograd graph keeps the activations alive.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            Ok(layer_norm(x, &self.gamma, &self.beta, self.eps)?)
+        } else {
+            Ok(layer_norm(
+                x,
+                &self.gamma.detach(),
+                &self.beta.detach(),
+                self.eps,
+            )?)
+        }
     }
 }

@@ -152,7 +152,9 @@ impl Embeddings {
         let x = words
             .broadcast_add(&self.position.forward(&positions, train)?)?
             .add(&self.token_type.forward(&token_types, train)?)?;
-        Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
+        Ok(self
+            .dropout
+            .forward(&self.norm.forward(&x, train)?, train)?)
     }
 }
 
@@ -235,13 +237,13 @@ impl Layer {
             .hidden_dropout
             .forward(&self.attn_out.forward(&ctx, train)?, train)?;
         let attn = self.attn_hook.forward(&attn, x, train)?;
-        let attn = self.attn_norm.forward(&(attn + x)?)?;
+        let attn = self.attn_norm.forward(&(attn + x)?, train)?;
         let inner = gelu(&self.intermediate.forward(&attn, train)?)?;
         let out = self
             .hidden_dropout
             .forward(&self.output.forward(&inner, train)?, train)?;
         let out = self.ffn_hook.forward(&out, &attn, train)?;
-        self.out_norm.forward(&(out + attn)?)
+        self.out_norm.forward(&(out + attn)?, train)
     }
 }
 

@@ -76,6 +76,8 @@ pub struct TrainSummary {
     pub train_seconds: f64,
     /// Tokens processed per second of training (evaluations excluded).
     pub tokens_per_second: f64,
+    /// Seconds in training steps (evaluations excluded).
+    pub step_seconds: f64,
 }
 
 /// Runs the loop over the named trainable parameters.
@@ -261,6 +263,7 @@ impl Trainer {
             best,
             train_seconds: start.elapsed().as_secs_f64(),
             tokens_per_second: train_tokens as f64 / train_secs.max(1e-9),
+            step_seconds: train_secs,
         })
     }
 }

@@ -171,6 +171,15 @@ impl BaseLinear<'_> {
             // Frozen base: one op over `(..., in)` whose backward computes no weight gradient.
             return Ok(frozen_linear(x, self.weight, bias)?);
         }
+        if !self.weight.is_variable() {
+            // Only the bias trains (BitFit): the frozen op, then the bias, so that no
+            // weight-sized gradient is computed.
+            let y = frozen_linear(x, self.weight, None)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                None => y,
+            });
+        }
         // A trainable base: plain ops, cast to the activations' dtype so that mixed precision
         // keeps f32 master weights.
         let dims = x.dims().to_vec();
