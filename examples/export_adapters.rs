@@ -5,8 +5,10 @@
 //!
 //!     cargo run --example export_adapters -- OUT_DIR
 //!
-//! `scripts/check-peft-interop.sh` then loads each folder with `PeftModel.from_pretrained` and
-//! compares peft's logits with ours (tests/fixtures/methods/check_peft_loads.py).
+//! For the mergeable methods it also writes `merged_<method>/`, the checkpoint `peft-rs merge`
+//! writes. `scripts/check-peft-interop.sh` then loads each folder with `PeftModel.from_pretrained`
+//! (and each merged one with plain transformers) and compares the logits with ours
+//! (tests/fixtures/methods/check_peft_loads.py, check_merged_loads.py).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,10 +19,11 @@ use peft_core::{
     adapter_io, AdapterConfig, Ia3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
     TuningPlan,
 };
-use peft_models::{bert_token_classifier, resolve_model};
+use peft_models::{bert_token_classifier, resolve_model, write_merged_token_classifier};
 
 const BASE: &str = "tests/fixtures/tiny-bert";
 const LABELS: usize = 7;
+const LABEL_NAMES: [&str; LABELS] = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"];
 
 fn methods() -> Vec<(&'static str, AdapterConfig)> {
     let lora = LoraConfig::new(4, 8.0, &["query", "value", "dense"]);
@@ -96,6 +99,22 @@ fn main() -> Result<()> {
         ]);
         candle_core::safetensors::save(&tensors, out.join(format!("{name}.safetensors")))?;
         println!("{}", dir.display());
+        // The mergeable methods also as a merged plain checkpoint (what `peft-rs merge` writes).
+        if model
+            .parts
+            .registry
+            .adapter("default")
+            .is_some_and(|e| e.config.is_mergeable())
+        {
+            let id2label = LABEL_NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l.to_string()))
+                .collect();
+            let merged = out.join(format!("merged_{name}"));
+            write_merged_token_classifier(&model.parts, &files, &id2label, &merged)?;
+            println!("{}", merged.display());
+        }
     }
     Ok(())
 }

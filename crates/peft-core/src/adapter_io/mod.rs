@@ -208,14 +208,17 @@ pub fn read_plan(dir: &Path) -> Result<(TuningPlan, PeftConfigFile)> {
     } else {
         Some(read_config(dir)?.0)
     };
-    let unfreeze = match read_meta(dir)? {
-        Some(meta) => meta.unfreeze,
-        None => file
-            .modules_to_save
+    // peft-rs records its patterns (a bias-only adapter holds no whole module); folders from
+    // Python peft, and from peft-rs before the patterns were recorded, name whole modules.
+    let recorded = read_meta(dir)?.map(|m| m.unfreeze).unwrap_or_default();
+    let unfreeze = if recorded.is_empty() {
+        file.modules_to_save
             .iter()
             .flatten()
             .map(|m| format!("{}\\..*", regex::escape(m)))
-            .collect(),
+            .collect()
+    } else {
+        recorded
     };
     Ok((
         TuningPlan {
