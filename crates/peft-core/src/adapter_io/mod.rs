@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PeftError, Result};
 use crate::fsio::{write_atomic, write_atomic_with};
-use crate::methods::AdapterConfig;
 use crate::params::ParamStore;
 use crate::{TunedParts, TuningPlan};
 
@@ -81,9 +80,9 @@ pub fn check_fingerprint(dir: &Path, meta: &AdapterMeta, parts: &TunedParts) -> 
 
 /// peft's prefix of the model's tensors in a file of `config`'s method: prompt learning wraps
 /// no tuner around the model, so its task heads are saved under `base_model.` alone.
-pub fn key_prefix(config: &AdapterConfig) -> &'static str {
-    match config {
-        AdapterConfig::PromptTuning(_) | AdapterConfig::PrefixTuning(_) => "base_model.",
+pub fn key_prefix(peft_type: &str) -> &'static str {
+    match peft_type {
+        "PROMPT_TUNING" | "PREFIX_TUNING" => "base_model.",
         _ => KEY_PREFIX,
     }
 }
@@ -261,7 +260,7 @@ pub fn save_named(
                 .into_iter()
                 .map(|(n, v)| (n, v.as_tensor().clone())),
         )
-        .map(|(n, t)| (file_key(&n, key_prefix(&entry.config)), t))
+        .map(|(n, t)| (file_key(&n, key_prefix(entry.config.peft_type())), t))
         .collect();
     let config = peft_config_json(
         &entry.config.saved_config(),
@@ -317,7 +316,7 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
         path: path.clone(),
         message,
     };
-    let prefix = key_prefix(&read_config(dir)?.0);
+    let prefix = key_prefix(&read_config_file(dir)?.peft_type);
     let mut updates = Vec::new();
     let vars = params.named_vars();
     for (name, var) in &vars {
