@@ -78,7 +78,7 @@ enum Command {
         /// minilm (all-MiniLM-L6-v2 shape), bert-base, or tiny.
         #[arg(long, default_value = "minilm")]
         model: String,
-        /// Comma-separated training methods: full, lora-qv, lora-all.
+        /// Comma-separated training methods: full, lora-qv, lora-all, ia3, bottleneck.
         #[arg(long, default_value = "full,lora-qv,lora-all")]
         methods: String,
         /// cpu or cuda:N.

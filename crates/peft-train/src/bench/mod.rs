@@ -79,18 +79,27 @@ pub enum Method {
     LoraQv,
     /// The same LoRA on every linear of the encoder.
     LoraAll,
+    /// IA3 with peft's BERT targets (keys, values, FFN input).
+    Ia3,
+    /// Pfeiffer bottleneck adapters (after each FFN, reduction 16).
+    Bottleneck,
 }
 
 impl Method {
-    /// Parses `full`, `lora-qv` or `lora-all`.
+    /// Parses `full`, `lora-qv`, `lora-all`, `ia3` or `bottleneck`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "full" => Ok(Self::Full),
             "lora-qv" => Ok(Self::LoraQv),
             "lora-all" => Ok(Self::LoraAll),
+            "ia3" => Ok(Self::Ia3),
+            "bottleneck" => Ok(Self::Bottleneck),
             other => Err(TrainError::config(
                 "method",
-                format!("unknown bench method `{other}` (expected full, lora-qv or lora-all)"),
+                format!(
+                    "unknown bench method `{other}` (expected full, lora-qv, lora-all, ia3 or \
+                     bottleneck)"
+                ),
             )),
         }
     }
@@ -101,6 +110,8 @@ impl Method {
             Self::Full => "full",
             Self::LoraQv => "lora-qv",
             Self::LoraAll => "lora-all",
+            Self::Ia3 => "ia3",
+            Self::Bottleneck => "bottleneck",
         }
     }
 
@@ -133,6 +144,23 @@ impl Method {
             },
             Self::LoraAll => TuningPlan {
                 adapter: lora(&["query", "key", "value", "dense"]),
+                unfreeze: vec![],
+                seed: 0,
+            },
+            Self::Ia3 => TuningPlan {
+                adapter: Some(AdapterConfig::Ia3(peft_core::Ia3Config::bert_default())),
+                unfreeze: vec![],
+                seed: 0,
+            },
+            Self::Bottleneck => TuningPlan {
+                adapter: Some(AdapterConfig::Bottleneck(peft_core::BottleneckConfig {
+                    placement: Default::default(),
+                    reduction_factor: 16,
+                    non_linearity: Default::default(),
+                    residual: true,
+                    scaling: 1.0,
+                    layers_to_transform: None,
+                })),
                 unfreeze: vec![],
                 seed: 0,
             },
