@@ -75,6 +75,11 @@ impl TargetMatcher {
         Ok(Self { targets, layers })
     }
 
+    /// Whether the targets are `all-linear` (which never matches an embedding, as in peft).
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self.targets, CompiledTargets::AllLinear)
+    }
+
     /// Whether the module at `path` is targeted. `is_output_head` excludes the task head from
     /// `all-linear`, as peft does.
     pub fn matches(&self, path: &str, is_output_head: bool) -> bool {

@@ -266,6 +266,19 @@ fn save_and_load_round_trip_every_method() {
 }
 
 #[test]
+fn all_linear_adapts_every_linear_but_the_head_and_no_embedding() {
+    let mut lora = LoraConfig::new(2, 4.0, &[]);
+    lora.target_modules = peft_core::TargetModules::Pattern("all-linear".into());
+    let m = build(Some(AdapterConfig::Lora(lora)));
+    let paths = m.parts.registry.adapted_paths();
+    // 2 layers × (query, key, value, attention output, intermediate, output).
+    assert_eq!(paths.len(), 12, "{paths:?}");
+    assert!(paths
+        .iter()
+        .all(|p| !p.contains("embeddings") && p != "classifier"));
+}
+
+#[test]
 fn bottleneck_placements_put_adapters_at_their_hook_points() {
     let count = |placement, layers: Option<Vec<usize>>| {
         let mut c = bottleneck(placement);

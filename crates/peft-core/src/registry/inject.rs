@@ -159,7 +159,7 @@ impl Registry {
                     layers.push((linear.clone(), Arc::from(layer), new_base));
                 }
                 let mut embeddings = vec![];
-                if let AdapterConfig::Lora(c) = config {
+                if let (AdapterConfig::Lora(c), false) = (config, targets.is_all_linear()) {
                     for e in self.embeddings() {
                         if !targets.matches(e.path(), false) {
                             continue;
