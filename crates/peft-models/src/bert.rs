@@ -147,6 +147,16 @@ impl Embeddings {
             token_types = Tensor::cat(&[&zeros, &token_types], 1)?;
         }
         let len = words.dim(1)?;
+        let max = self.position.table().dim(0)?;
+        if first_position + len > max {
+            return Err(peft_core::PeftError::Config {
+                key: "task.max_length".into(),
+                message: format!(
+                    "{len} tokens (virtual tokens included) from position {first_position} exceed \
+                     the model's {max} positions (max_position_embeddings)"
+                ),
+            });
+        }
         let first = first_position as u32;
         let positions = Tensor::arange(first, first + len as u32, ids.device())?.unsqueeze(0)?;
         let x = words

@@ -425,6 +425,21 @@ fn bad_input_is_refused_and_leaves_the_model_as_it_was() {
     p.parts.registry.delete_adapter("default").unwrap();
     assert!(max_diff(&q.weight(), &original) < 1e-6);
 
+    // Virtual tokens that push the input past the position table are a clear error.
+    let mut long = prompt();
+    long.num_virtual_tokens = 60;
+    let v = build(Some(AdapterConfig::PromptTuning(long)));
+    let (ids, types, mask) = inputs();
+    let err = v
+        .forward(&ids, &types, &mask, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("max_position_embeddings") && err.contains("68 tokens"),
+        "{err}"
+    );
+
     // Methods without a merge refuse it.
     let b = build(Some(AdapterConfig::Bottleneck(bottleneck(
         Placement::Pfeiffer,
