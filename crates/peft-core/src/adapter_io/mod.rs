@@ -120,8 +120,9 @@ pub fn base_trainables(parts: &TunedParts) -> Result<ParamStore> {
     Ok(out)
 }
 
-/// Writes the model's active adapter with its task head(s) as an adapter folder: peft's two
-/// files and `peft_rs.json`, each atomically.
+/// Writes the model's selected adapter (even while adapters are disabled) with its task head(s)
+/// as an adapter folder: peft's two files and `peft_rs.json`, each atomically. A model without
+/// adapters saves its trained base parameters and heads (`UNFROZEN`).
 pub fn save(
     dir: &Path,
     parts: &TunedParts,
@@ -129,7 +130,7 @@ pub fn save(
     task_type: &str,
     meta: &AdapterMeta,
 ) -> Result<()> {
-    match parts.registry.active() {
+    match parts.registry.selected() {
         Some(name) => save_named(dir, parts, &name, base_model, task_type, Some(meta)),
         None => save_unfrozen(dir, parts, base_model, task_type, meta),
     }

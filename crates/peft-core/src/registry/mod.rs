@@ -253,6 +253,11 @@ impl Registry {
         self.lock().adapters.get(name).cloned()
     }
 
+    /// The selected adapter, applied unless adapters are disabled.
+    pub fn selected(&self) -> Option<String> {
+        self.switch.selected()
+    }
+
     /// The adapter the model applies now (`None` without adapters or while disabled).
     pub fn active(&self) -> Option<String> {
         self.switch.active()
