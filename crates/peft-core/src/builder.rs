@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 
+use crate::conv::{ConvGeometry, TunableConv2d};
 use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
 use crate::layers::LayerNorm;
@@ -247,6 +248,41 @@ impl ModelBuilder {
         ));
         registry.insert(linear.clone())?;
         Ok(linear)
+    }
+
+    /// The base 2-D convolution `name` (`weight` `out × in × k × k`, optional `bias`), with the
+    /// adapters the plan assigns to its path.
+    pub fn conv2d(
+        &self,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        geometry: ConvGeometry,
+        bias: bool,
+        name: &str,
+    ) -> Result<Arc<TunableConv2d>> {
+        let b = self.pp(name);
+        let fan_in = (in_channels * kernel * kernel) as f64;
+        let weight = b.param(
+            "weight",
+            (out_channels, in_channels, kernel, kernel),
+            Init::Normal(1.0 / fan_in.sqrt()),
+        )?;
+        let bias = if bias {
+            Some(b.param("bias", out_channels, Init::Zeros)?)
+        } else {
+            None
+        };
+        let registry = &self.shared.registry;
+        let conv = Arc::new(TunableConv2d::new(
+            b.path(),
+            weight,
+            bias,
+            geometry,
+            registry.switch(),
+        ));
+        registry.insert_conv(conv.clone())?;
+        Ok(conv)
     }
 
     /// The base embedding `name` (`weight` `vocab × dim`), with the adapters the plan assigns

@@ -7,6 +7,7 @@
 
 pub mod adapter_io;
 mod builder;
+pub mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
@@ -27,6 +28,7 @@ mod target;
 mod weights;
 
 pub use builder::{ModelBuilder, TunedParts};
+pub use conv::{ConvGeometry, TunableConv2d};
 pub use embedding::TunableEmbedding;
 pub use error::{PeftError, Result};
 pub use layers::LayerNorm;

@@ -37,6 +37,12 @@ pub fn merged_tensors(parts: &TunedParts, files: &ModelFiles) -> Result<BTreeMap
     for e in parts.registry.embeddings() {
         current.insert(format!("{}.weight", e.path()), e.table());
     }
+    for c in parts.registry.convs() {
+        current.insert(format!("{}.weight", c.path()), c.weight());
+        if let Some(b) = c.bias() {
+            current.insert(format!("{}.bias", c.path()), b);
+        }
+    }
     let mut out = BTreeMap::new();
     for (name, key) in &parts.base_tensors {
         let t = match current.get(name) {

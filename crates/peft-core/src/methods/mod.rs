@@ -7,6 +7,7 @@ pub mod combine;
 mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod lora_conv;
 pub mod lora_embedding;
 pub mod pissa;
 pub mod prompt;

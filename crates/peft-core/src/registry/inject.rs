@@ -6,10 +6,12 @@ use std::sync::Arc;
 use rand::SeedableRng;
 
 use super::{config_error, list_or_none, AdapterEntry, Registry};
+use crate::conv::TunableConv2d;
 use crate::embedding::TunableEmbedding;
 use crate::error::Result;
 use crate::linear::TunableLinear;
 use crate::methods::bottleneck::{BottleneckHook, BottleneckLayer};
+use crate::methods::lora_conv::LoraConv2d;
 use crate::methods::lora_embedding::LoraEmbedding;
 use crate::methods::prompt::{PromptSite, VirtualTokens};
 use crate::methods::{AdapterConfig, LayerContext, LinearAdapter};
@@ -27,6 +29,7 @@ enum Pieces {
     Linear(
         Vec<LinearPiece>,
         Vec<(Arc<TunableEmbedding>, Arc<LoraEmbedding>)>,
+        Vec<(Arc<TunableConv2d>, Arc<LoraConv2d>)>,
     ),
     Hooks(Vec<(Arc<BottleneckHook>, Arc<BottleneckLayer>)>),
     Virtual(Arc<PromptSite>, Arc<VirtualTokens>),
@@ -83,12 +86,15 @@ impl Registry {
             Ok(())
         };
         match &pieces {
-            Pieces::Linear(layers, embeddings) => {
+            Pieces::Linear(layers, embeddings, convs) => {
                 for (l, a, _) in layers {
                     add(l.path(), a.named_params())?;
                 }
                 for (e, a) in embeddings {
                     add(e.path(), a.named_params())?;
+                }
+                for (c, a) in convs {
+                    add(c.path(), a.named_params())?;
                 }
             }
             Pieces::Hooks(hooks) => {
@@ -99,12 +105,15 @@ impl Registry {
             Pieces::Virtual(_, tokens) => add("", tokens.named_params())?,
         }
         match pieces {
-            Pieces::Linear(layers, embeddings) => {
+            Pieces::Linear(layers, embeddings, convs) => {
                 for (l, a, new_base) in layers {
                     l.insert_adapter(name, a, new_base);
                 }
                 for (e, a) in embeddings {
                     e.insert_adapter(name, a);
+                }
+                for (c, a) in convs {
+                    c.insert_adapter(name, a);
                 }
             }
             Pieces::Hooks(hooks) => {
@@ -175,7 +184,27 @@ impl Registry {
                         embeddings.push((e, Arc::new(lora)));
                     }
                 }
-                if layers.is_empty() && embeddings.is_empty() {
+                let mut convs = vec![];
+                if let (AdapterConfig::Lora(c), false) = (config, targets.is_all_linear()) {
+                    for conv in self.convs() {
+                        if !targets.matches(conv.path(), false) {
+                            continue;
+                        }
+                        if c.use_dora || c.init != crate::methods::LoraInit::Kaiming {
+                            return Err(config_error(
+                                conv.path(),
+                                "DoRA, gaussian and PiSSA init are not supported on a Conv2d",
+                            ));
+                        }
+                        let dropout =
+                            crate::ops::Dropout::new(c.lora_dropout, self.ctx.dropout_rng.clone());
+                        let dims = conv.weight().dims().to_vec();
+                        let lora =
+                            LoraConv2d::new(c, &dims, conv.geometry(), dropout, rng, device)?;
+                        convs.push((conv, Arc::new(lora)));
+                    }
+                }
+                if layers.is_empty() && embeddings.is_empty() && convs.is_empty() {
                     let paths: Vec<String> = self
                         .linears()
                         .iter()
@@ -191,7 +220,7 @@ impl Registry {
                         ),
                     ));
                 }
-                Ok(Pieces::Linear(layers, embeddings))
+                Ok(Pieces::Linear(layers, embeddings, convs))
             }
             AdapterConfig::Bottleneck(c) => {
                 let hooks: Vec<Arc<BottleneckHook>> = self.lock().hooks.values().cloned().collect();

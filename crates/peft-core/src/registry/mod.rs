@@ -9,6 +9,7 @@ use candle_core::Device;
 
 mod inject;
 
+use crate::conv::TunableConv2d;
 use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
 use crate::heads::HeadBanks;
@@ -34,6 +35,7 @@ pub struct AdapterEntry {
 struct Inner {
     linears: BTreeMap<String, Arc<TunableLinear>>,
     embeddings: BTreeMap<String, Arc<TunableEmbedding>>,
+    convs: BTreeMap<String, Arc<TunableConv2d>>,
     hooks: BTreeMap<String, Arc<BottleneckHook>>,
     prompt: Option<Arc<PromptSite>>,
     adapters: BTreeMap<String, AdapterEntry>,
@@ -167,6 +169,24 @@ impl Registry {
         Ok(())
     }
 
+    /// Registers a convolution; two at one path are an error.
+    pub(crate) fn insert_conv(&self, c: Arc<TunableConv2d>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.convs.contains_key(c.path()) {
+            return Err(config_error(
+                c.path(),
+                "two convolutions were built at the same module path",
+            ));
+        }
+        inner.convs.insert(c.path().to_string(), c);
+        Ok(())
+    }
+
+    /// All convolutions, sorted by path.
+    pub fn convs(&self) -> Vec<Arc<TunableConv2d>> {
+        self.lock().convs.values().cloned().collect()
+    }
+
     /// All embeddings, sorted by path.
     pub fn embeddings(&self) -> Vec<Arc<TunableEmbedding>> {
         self.lock().embeddings.values().cloned().collect()
@@ -230,6 +250,13 @@ impl Registry {
                 }
             }
         }
+        for c in self.convs() {
+            if let Some(a) = c.adapter(name) {
+                for (key, v) in a.named_params() {
+                    out.push((format!("{}.{key}", c.path()), v.as_tensor().clone()));
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -280,6 +307,12 @@ impl Registry {
                 .filter(|e| e.adapter(&name).is_some())
                 .map(|e| e.path().to_string()),
         );
+        paths.extend(
+            self.convs()
+                .iter()
+                .filter(|c| c.adapter(&name).is_some())
+                .map(|c| c.path().to_string()),
+        );
         paths
     }
 
@@ -288,6 +321,7 @@ impl Registry {
             .iter()
             .find_map(|l| l.merged_adapter())
             .or_else(|| self.embeddings().iter().find_map(|e| e.merged_adapter()))
+            .or_else(|| self.convs().iter().find_map(|c| c.merged_adapter()))
     }
 
     fn refuse_while_merged(&self, what: &str) -> Result<()> {
@@ -363,6 +397,9 @@ impl Registry {
         for e in self.embeddings() {
             e.remove_adapter(name);
         }
+        for c in self.convs() {
+            c.remove_adapter(name);
+        }
         let mut inner = self.lock();
         for h in inner.hooks.values() {
             h.site.remove(name);
@@ -403,7 +440,8 @@ impl Registry {
             .linears()
             .iter()
             .try_for_each(|l| l.merge(&name))
-            .and_then(|()| self.embeddings().iter().try_for_each(|e| e.merge(&name)));
+            .and_then(|()| self.embeddings().iter().try_for_each(|e| e.merge(&name)))
+            .and_then(|()| self.convs().iter().try_for_each(|c| c.merge(&name)));
         if let Err(e) = merged {
             self.unmerge()?;
             return Err(e);
@@ -414,7 +452,8 @@ impl Registry {
     /// Undoes [`Self::merge`].
     pub fn unmerge(&self) -> Result<()> {
         self.linears().iter().try_for_each(|l| l.unmerge())?;
-        self.embeddings().iter().try_for_each(|e| e.unmerge())
+        self.embeddings().iter().try_for_each(|e| e.unmerge())?;
+        self.convs().iter().try_for_each(|c| c.unmerge())
     }
 
     /// [`Self::merge`] (kept for callers that merge "everything").

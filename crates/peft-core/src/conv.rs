@@ -1,0 +1,168 @@
+//! The tunable 2-D convolution: a frozen (or trainable) kernel plus the LoRA adapters added at
+//! its path, of which the model-wide switch picks the active one; mergeable into the kernel.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use candle_core::Tensor;
+
+use crate::error::{PeftError, Result};
+use crate::methods::lora_conv::LoraConv2d;
+use crate::switch::AdapterSwitch;
+
+/// Padding and stride of a convolution (symmetric, as candle's `conv2d`; no dilation or groups
+/// for a tunable one yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Step between windows.
+    pub stride: usize,
+}
+
+struct ConvState {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapters: BTreeMap<String, Arc<LoraConv2d>>,
+    merged: Option<String>,
+}
+
+/// A 2-D convolution at a known module path, kernel `out × in × kh × kw`.
+pub struct TunableConv2d {
+    path: String,
+    geometry: ConvGeometry,
+    state: RwLock<ConvState>,
+    switch: AdapterSwitch,
+}
+
+impl std::fmt::Debug for TunableConv2d {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunableConv2d")
+            .field("path", &self.path)
+            .field("geometry", &self.geometry)
+            .finish()
+    }
+}
+
+impl TunableConv2d {
+    pub(crate) fn new(
+        path: String,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        geometry: ConvGeometry,
+        switch: AdapterSwitch,
+    ) -> Self {
+        Self {
+            path,
+            geometry,
+            state: RwLock::new(ConvState {
+                weight,
+                bias,
+                adapters: BTreeMap::new(),
+                merged: None,
+            }),
+            switch,
+        }
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, ConvState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The module path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Padding and stride.
+    pub fn geometry(&self) -> ConvGeometry {
+        self.geometry
+    }
+
+    /// The current kernel (with an adapter folded in while merged).
+    pub fn weight(&self) -> Tensor {
+        self.state().weight.clone()
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<Tensor> {
+        self.state().bias.clone()
+    }
+
+    /// The adapter `name` here.
+    pub fn adapter(&self, name: &str) -> Option<Arc<LoraConv2d>> {
+        self.state().adapters.get(name).cloned()
+    }
+
+    /// The adapter currently folded into the kernel.
+    pub fn merged_adapter(&self) -> Option<String> {
+        self.state().merged.clone()
+    }
+
+    pub(crate) fn insert_adapter(&self, name: &str, a: Arc<LoraConv2d>) {
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        s.adapters.insert(name.into(), a);
+    }
+
+    pub(crate) fn remove_adapter(&self, name: &str) {
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        s.adapters.remove(name);
+    }
+
+    /// Applies the convolution to `x` of shape `(batch, in, h, w)`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let state = self.state();
+        let (w, bias) = if train {
+            (state.weight.clone(), state.bias.clone())
+        } else {
+            (
+                state.weight.detach(),
+                state.bias.as_ref().map(Tensor::detach),
+            )
+        };
+        let adapter = match (&state.merged, self.switch.active()) {
+            (None, Some(name)) => state.adapters.get(&name).cloned(),
+            _ => None,
+        };
+        drop(state);
+        let g = self.geometry;
+        let mut y = x.conv2d(&w.to_dtype(x.dtype())?, g.padding, g.stride, 1, 1)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)?;
+        }
+        if let Some(a) = adapter {
+            y = (y + a.delta(x, train)?)?;
+        }
+        Ok(y)
+    }
+
+    pub(crate) fn merge(&self, name: &str) -> Result<()> {
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let Some(a) = s.adapters.get(name).cloned() else {
+            return Ok(());
+        };
+        if s.weight.is_variable() || s.merged.is_some() {
+            return Err(PeftError::Config {
+                key: self.path.clone(),
+                message: "cannot merge into a trained or already merged kernel".into(),
+            });
+        }
+        let delta = a.delta_weight()?.to_dtype(s.weight.dtype())?;
+        s.weight = (&s.weight + delta)?;
+        s.merged = Some(name.into());
+        Ok(())
+    }
+
+    pub(crate) fn unmerge(&self) -> Result<()> {
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let Some(name) = s.merged.clone() else {
+            return Ok(());
+        };
+        if let Some(a) = s.adapters.get(&name).cloned() {
+            let delta = a.delta_weight()?.to_dtype(s.weight.dtype())?;
+            s.weight = (&s.weight - delta)?;
+        }
+        s.merged = None;
+        Ok(())
+    }
+}
