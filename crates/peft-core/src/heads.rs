@@ -64,7 +64,7 @@ impl HeadBanks {
 
     /// Adapter `name`'s bank, to write values into while it is not selected.
     pub fn bank_vars(&self, name: &str, live: &[(String, Var)]) -> Result<Vec<(String, Var)>> {
-        // Banked tensors are exposed as fresh Vars; `store_back` writes them into the bank.
+        // Banked tensors are exposed as fresh Vars; `stash` writes them back into the bank.
         let lock = self.lock();
         let bank = lock.get(name);
         live.iter()
@@ -76,16 +76,6 @@ impl HeadBanks {
                 Ok((n.clone(), Var::from_tensor(&t)?))
             })
             .collect()
-    }
-
-    /// Writes `vars` (from [`Self::bank_vars`]) into adapter `name`'s bank.
-    pub fn store_back(&self, name: &str, vars: &[(String, Var)]) -> Result<()> {
-        let values = vars
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
-            .collect::<Result<_>>()?;
-        self.lock().insert(name.to_string(), values);
-        Ok(())
     }
 
     /// Forgets adapter `name`'s bank.

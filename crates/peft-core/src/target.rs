@@ -75,12 +75,13 @@ impl TargetMatcher {
         Ok(Self { targets, layers })
     }
 
-    /// Whether the targets are `all-linear` (which never matches an embedding, as in peft).
-    pub fn is_all_linear(&self) -> bool {
-        matches!(self.targets, CompiledTargets::AllLinear)
+    /// Whether the embedding or convolution at `path` is targeted: as in peft, `all-linear`
+    /// never matches one.
+    pub fn matches_non_linear(&self, path: &str) -> bool {
+        !matches!(self.targets, CompiledTargets::AllLinear) && self.matches(path, false)
     }
 
-    /// Whether the module at `path` is targeted. `is_output_head` excludes the task head from
+    /// Whether the linear module at `path` is targeted. `is_output_head` excludes the task head from
     /// `all-linear`, as peft does.
     pub fn matches(&self, path: &str, is_output_head: bool) -> bool {
         let hit = match &self.targets {

@@ -156,9 +156,6 @@ impl Ia3Config {
             "init_ia3_weights": true,
             "target_modules": self.target_modules,
         });
-        match v {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("a JSON object literal"),
-        }
+        super::json_object(v)
     }
 }

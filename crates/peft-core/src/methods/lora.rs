@@ -366,9 +366,6 @@ impl LoraConfig {
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         });
-        match v {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("a JSON object literal"),
-        }
+        super::json_object(v)
     }
 }

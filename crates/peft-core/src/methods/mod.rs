@@ -243,3 +243,11 @@ pub(crate) fn use_param(v: &Var, train: bool) -> Tensor {
         v.as_tensor().detach()
     }
 }
+
+/// The map of a JSON object literal (the `to_peft` field lists).
+pub(crate) fn json_object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}

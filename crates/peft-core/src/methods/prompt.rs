@@ -329,13 +329,6 @@ impl PromptSite {
     }
 }
 
-fn object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m,
-        _ => unreachable!("a JSON object literal"),
-    }
-}
-
 impl PromptTuningConfig {
     /// Reads peft's `PromptTuningConfig` fields. The initialisation is not needed to load trained
     /// tokens, so a loaded config says `random` (the text is kept for reference).
@@ -351,7 +344,7 @@ impl PromptTuningConfig {
 
     /// peft's `PromptTuningConfig` fields; peft fills the model sizes left null from the model.
     pub fn to_peft(&self) -> serde_json::Map<String, serde_json::Value> {
-        object(serde_json::json!({
+        super::json_object(serde_json::json!({
             "num_attention_heads": null,
             "num_layers": null,
             "num_transformer_submodules": 1,
@@ -384,7 +377,7 @@ impl PrefixTuningConfig {
     /// peft's `PrefixTuningConfig` fields. What is saved is always the prefixes themselves, so
     /// the file says `prefix_projection = false` (peft then loads them as they are).
     pub fn to_peft(&self) -> serde_json::Map<String, serde_json::Value> {
-        object(serde_json::json!({
+        super::json_object(serde_json::json!({
             "encoder_hidden_size": self.encoder_hidden_size,
             "num_attention_heads": null,
             "num_layers": null,

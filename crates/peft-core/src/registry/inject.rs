@@ -168,9 +168,9 @@ impl Registry {
                     layers.push((linear.clone(), Arc::from(layer), new_base));
                 }
                 let mut embeddings = vec![];
-                if let (AdapterConfig::Lora(c), false) = (config, targets.is_all_linear()) {
+                if let AdapterConfig::Lora(c) = config {
                     for e in self.embeddings() {
-                        if !targets.matches(e.path(), false) {
+                        if !targets.matches_non_linear(e.path()) {
                             continue;
                         }
                         if c.use_dora {
@@ -185,9 +185,9 @@ impl Registry {
                     }
                 }
                 let mut convs = vec![];
-                if let (AdapterConfig::Lora(c), false) = (config, targets.is_all_linear()) {
+                if let AdapterConfig::Lora(c) = config {
                     for conv in self.convs() {
-                        if !targets.matches(conv.path(), false) {
+                        if !targets.matches_non_linear(conv.path()) {
                             continue;
                         }
                         if c.use_dora || c.init != crate::methods::LoraInit::Kaiming {

@@ -130,7 +130,7 @@ impl Registry {
     /// Writes values loaded into [`Self::heads_of`]'s tensors back to the adapter's copy.
     pub fn finish_heads(&self, heads: HeadsOf) -> Result<()> {
         match heads.bank {
-            Some(name) => self.heads.store_back(&name, &heads.vars),
+            Some(name) => self.heads.stash(&name, &heads.vars),
             None => Ok(()),
         }
     }
