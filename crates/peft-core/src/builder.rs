@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 
+use crate::batch_norm::{BatchNorm2d, BatchNormMode};
 use crate::conv::{ConvGeometry, TunableConv2d};
 use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
@@ -262,10 +263,19 @@ impl ModelBuilder {
         name: &str,
     ) -> Result<Arc<TunableConv2d>> {
         let b = self.pp(name);
-        let fan_in = (in_channels * kernel * kernel) as f64;
+        let groups = geometry.groups.max(1);
+        if !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
+            return Err(PeftError::Config {
+                key: b.path(),
+                message: format!(
+                    "{in_channels} input and {out_channels} output channels do not split into {groups} groups"
+                ),
+            });
+        }
+        let fan_in = (in_channels / groups * kernel * kernel) as f64;
         let weight = b.param(
             "weight",
-            (out_channels, in_channels, kernel, kernel),
+            (out_channels, in_channels / groups, kernel, kernel),
             Init::Normal(1.0 / fan_in.sqrt()),
         )?;
         let bias = if bias {
@@ -283,6 +293,36 @@ impl ModelBuilder {
         ));
         registry.insert_conv(conv.clone())?;
         Ok(conv)
+    }
+
+    /// The base BatchNorm `name` over `channels` (`weight`, `bias`, `running_mean`,
+    /// `running_var`; `num_batches_tracked` is not needed), doing `mode` while training.
+    pub fn batch_norm2d(
+        &self,
+        channels: usize,
+        eps: f64,
+        momentum: f64,
+        mode: BatchNormMode,
+        name: &str,
+    ) -> Result<Arc<BatchNorm2d>> {
+        let b = self.pp(name);
+        let stat = |n: &str, init| -> Result<Tensor> {
+            let full = b.full_name(n);
+            Ok(b.load_base(&full, &Shape::from(channels), init)?
+                .to_dtype(DType::F32)?)
+        };
+        let bn = Arc::new(BatchNorm2d::new(
+            b.path(),
+            b.param("weight", channels, Init::Ones)?,
+            b.param("bias", channels, Init::Zeros)?,
+            stat("running_mean", Init::Zeros)?,
+            stat("running_var", Init::Ones)?,
+            eps,
+            momentum,
+            mode,
+        ));
+        self.shared.registry.insert_batch_norm(bn.clone())?;
+        Ok(bn)
     }
 
     /// The base embedding `name` (`weight` `vocab × dim`), with the adapters the plan assigns

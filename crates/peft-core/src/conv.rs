@@ -10,14 +10,47 @@ use crate::error::{PeftError, Result};
 use crate::methods::lora_conv::LoraConv2d;
 use crate::switch::AdapterSwitch;
 
-/// Padding and stride of a convolution (symmetric, as candle's `conv2d`; no dilation or groups
-/// for a tunable one yet).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Padding, stride and groups of a convolution (symmetric, as candle's `conv2d`; no dilation).
+/// Only ungrouped convolutions take adapters; a depthwise one (`groups` = channels) is a fast
+/// frozen or fully trained layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
     /// Zero padding on each side.
     pub padding: usize,
     /// Step between windows.
     pub stride: usize,
+    /// Channel groups (1: an ordinary convolution).
+    pub groups: usize,
+}
+
+impl Default for ConvGeometry {
+    fn default() -> Self {
+        Self {
+            padding: 0,
+            stride: 1,
+            groups: 1,
+        }
+    }
+}
+
+impl ConvGeometry {
+    /// Ungrouped, with this padding and stride.
+    pub fn new(padding: usize, stride: usize) -> Self {
+        Self {
+            padding,
+            stride,
+            groups: 1,
+        }
+    }
+
+    /// A depthwise convolution (one group per channel) with this padding and stride.
+    pub fn depthwise(padding: usize, stride: usize, channels: usize) -> Self {
+        Self {
+            padding,
+            stride,
+            groups: channels,
+        }
+    }
 }
 
 struct ConvState {
@@ -126,7 +159,7 @@ impl TunableConv2d {
         };
         drop(state);
         let g = self.geometry;
-        let mut y = x.conv2d(&w.to_dtype(x.dtype())?, g.padding, g.stride, 1, 1)?;
+        let mut y = x.conv2d(&w.to_dtype(x.dtype())?, g.padding, g.stride, 1, g.groups)?;
         if let Some(b) = bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)?;
         }
@@ -134,6 +167,63 @@ impl TunableConv2d {
             y = (y + a.delta(x, train)?)?;
         }
         Ok(y)
+    }
+
+    /// Applies the convolution to channels-last `x` of shape `(batch, h, w, in)`, giving
+    /// `(batch, h', w', out)`. A 1×1 convolution runs as a linear layer over channels (the
+    /// frozen-weight and fused LoRA ops, no weight gradient unless trainable), a depthwise one as
+    /// [`crate::ops::depthwise_conv2d`]; others go through candle's `conv2d`.
+    pub fn forward_channels_last(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let state = self.state();
+        let (w, bias) = if train {
+            (state.weight.clone(), state.bias.clone())
+        } else {
+            (
+                state.weight.detach(),
+                state.bias.as_ref().map(Tensor::detach),
+            )
+        };
+        let adapter = match (&state.merged, self.switch.active()) {
+            (None, Some(name)) => state.adapters.get(&name).cloned(),
+            _ => None,
+        };
+        drop(state);
+        let g = self.geometry;
+        let (out, inp, kh, kw) = w.dims4()?;
+        let channels = x.dim(3)?;
+        if channels != inp * g.groups {
+            return Err(PeftError::Config {
+                key: self.path.clone(),
+                message: format!("expects {} input channels, got {channels}", inp * g.groups),
+            });
+        }
+        let dt = x.dtype();
+        if (kh, kw, g.stride, g.padding, g.groups) == (1, 1, 1, 0, 1) {
+            let w2 = w.to_dtype(dt)?.reshape((out, inp))?;
+            let b = bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
+            if let Some(a) = adapter {
+                return a.pointwise(x, &w2, b.as_ref(), train);
+            }
+            if w2.is_variable() || w.is_variable() || b.as_ref().is_some_and(Tensor::is_variable) {
+                let y = x.broadcast_matmul(&w2.t()?)?;
+                return Ok(match b {
+                    Some(b) => y.broadcast_add(&b)?,
+                    None => y,
+                });
+            }
+            return Ok(crate::ops::frozen_linear(x, &w2, b.as_ref())?);
+        }
+        if g.groups > 1 && g.groups == channels && out == channels && inp == 1 && adapter.is_none()
+        {
+            let y = crate::ops::depthwise_conv2d(x, &w, g.stride, g.padding)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(dt)?)?,
+                None => y,
+            });
+        }
+        let nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
+        let y = self.forward(&nchw, train)?;
+        Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
     }
 
     pub(crate) fn merge(&self, name: &str) -> Result<()> {

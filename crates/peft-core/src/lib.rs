@@ -6,6 +6,7 @@
 //! [`ParamStore`]; frozen weights stay plain tensors and get no gradient (see [`ops`]).
 
 pub mod adapter_io;
+mod batch_norm;
 mod builder;
 pub mod conv;
 #[cfg(feature = "cuda")]
@@ -27,6 +28,7 @@ mod switch;
 mod target;
 mod weights;
 
+pub use batch_norm::{BatchNorm2d, BatchNormMode};
 pub use builder::{ModelBuilder, TunedParts};
 pub use conv::{ConvGeometry, TunableConv2d};
 pub use embedding::TunableEmbedding;

@@ -34,7 +34,13 @@ pub enum WeightSource {
     Map(HashMap<String, Tensor>),
     /// Seeded random values drawn from each parameter's [`Init`].
     Random(u64),
+    /// Values computed from each tensor's name and shape (synthetic weights shared with a
+    /// reference implementation by formula, so that parity fixtures need not hold them).
+    Generated(TensorFn),
 }
+
+/// A function from a tensor's name and shape to its values.
+pub type TensorFn = std::sync::Arc<dyn Fn(&str, &Shape) -> Result<Tensor> + Send + Sync>;
 
 impl WeightSource {
     /// Memory-maps safetensors files; a truncated or corrupt file is reported by name.
@@ -63,7 +69,7 @@ impl WeightSource {
         match self {
             Self::Safetensors { tensors, .. } => tensors.get(name).is_ok(),
             Self::Map(m) => m.contains_key(name),
-            Self::Random(_) => true,
+            Self::Random(_) | Self::Generated(_) => true,
         }
     }
 
@@ -77,6 +83,7 @@ impl WeightSource {
                 .join(", "),
             Self::Map(_) => "in-memory weights".into(),
             Self::Random(seed) => format!("random weights (seed {seed})"),
+            Self::Generated(_) => "generated weights".into(),
         }
     }
 
@@ -102,6 +109,7 @@ impl WeightSource {
                 })?
                 .to_device(device)?,
             Self::Random(seed) => random_tensor(*seed, name, shape, init, device)?,
+            Self::Generated(f) => f(name, shape)?.to_device(device)?,
         };
         if t.shape() != shape {
             return Err(PeftError::ShapeMismatch {

@@ -33,14 +33,17 @@ impl TinyCnn {
         };
         let b = ModelBuilder::new(weights, plan, DType::F32, Device::Cpu).unwrap();
         let same = ConvGeometry {
+            groups: 1,
             padding: 1,
             stride: 1,
         };
         let one = ConvGeometry {
+            groups: 1,
             padding: 0,
             stride: 1,
         };
         let down = ConvGeometry {
+            groups: 1,
             padding: 1,
             stride: 2,
         };
@@ -212,6 +215,7 @@ fn conv_lora_saves_and_loads_and_refuses_what_it_cannot_do() {
     };
     let b = ModelBuilder::new(weights, plan, DType::F32, Device::Cpu).unwrap();
     let geometry = ConvGeometry {
+        groups: 1,
         padding: 1,
         stride: 1,
     };

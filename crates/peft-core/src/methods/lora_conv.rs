@@ -74,6 +74,28 @@ impl LoraConv2d {
         Ok((h.conv2d(&b, 0, 1, 1, 1)? * self.scaling)?)
     }
 
+    /// The base 1×1 convolution (`w2`: `out × in`, channels-last `x`) plus this adapter, as the
+    /// fused LoRA linear op: a 1×1 LoRA convolution is a LoRA linear over channels.
+    pub(crate) fn pointwise(
+        &self,
+        x: &Tensor,
+        w2: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let r = self.a.dim(0)?;
+        let a = use_param(&self.a, train).reshape((r, ()))?;
+        let b = use_param(&self.b, train).reshape(((), r))?;
+        let mask = self.dropout.mask_for(x, train)?;
+        let branch = crate::ops::LoraBranch {
+            a: &a,
+            b: &b,
+            scale: self.scaling,
+            mask: mask.as_ref(),
+        };
+        Ok(crate::ops::lora_linear(x, w2, bias, &branch)?)
+    }
+
     /// The kernel update `s·B·A` (`out × in × kh × kw`, f32).
     pub fn delta_weight(&self) -> Result<Tensor> {
         let dims = self.a.dims().to_vec();

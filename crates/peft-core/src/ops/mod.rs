@@ -1,10 +1,13 @@
 //! Custom ops whose backward computes no gradient for frozen operands, with CPU fast paths.
 
 mod attention;
+mod batch_norm;
+mod clamp_act;
 #[cfg(feature = "cuda")]
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+mod depthwise;
 mod dropout;
 mod frozen_linear;
 mod gelu;
@@ -14,8 +17,11 @@ mod multi_lora;
 mod softmax;
 
 pub use attention::{attention, attention_reference, AttentionSpec};
+pub use clamp_act::clamp_activation;
+pub use batch_norm::{batch_norm_train, batch_norm_train_reference, BatchStats};
 #[cfg(feature = "cuda")]
 pub use cuda_ops::adamw as cuda_adamw;
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use dropout::{apply_seeded_dropout, dropout_mask, Dropout, DropoutRng};
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu;

@@ -196,6 +196,13 @@ impl Registry {
                                 "DoRA, gaussian and PiSSA init are not supported on a Conv2d",
                             ));
                         }
+                        if conv.geometry().groups > 1 {
+                            return Err(config_error(
+                                conv.path(),
+                                "LoRA on a grouped (e.g. depthwise) convolution is not supported: \
+                                 narrow target_modules to the ungrouped convolutions",
+                            ));
+                        }
                         let dropout =
                             crate::ops::Dropout::new(c.lora_dropout, self.ctx.dropout_rng.clone());
                         let dims = conv.weight().dims().to_vec();

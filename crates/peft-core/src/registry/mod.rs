@@ -9,6 +9,7 @@ use candle_core::Device;
 
 mod inject;
 
+use crate::batch_norm::BatchNorm2d;
 use crate::conv::TunableConv2d;
 use crate::embedding::TunableEmbedding;
 use crate::error::{PeftError, Result};
@@ -36,6 +37,7 @@ struct Inner {
     linears: BTreeMap<String, Arc<TunableLinear>>,
     embeddings: BTreeMap<String, Arc<TunableEmbedding>>,
     convs: BTreeMap<String, Arc<TunableConv2d>>,
+    batch_norms: BTreeMap<String, Arc<BatchNorm2d>>,
     hooks: BTreeMap<String, Arc<BottleneckHook>>,
     prompt: Option<Arc<PromptSite>>,
     adapters: BTreeMap<String, AdapterEntry>,
@@ -185,6 +187,23 @@ impl Registry {
     /// All convolutions, sorted by path.
     pub fn convs(&self) -> Vec<Arc<TunableConv2d>> {
         self.lock().convs.values().cloned().collect()
+    }
+
+    pub(crate) fn insert_batch_norm(&self, bn: Arc<BatchNorm2d>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.batch_norms.contains_key(bn.path()) {
+            return Err(config_error(
+                bn.path(),
+                "two BatchNorms were built at the same module path",
+            ));
+        }
+        inner.batch_norms.insert(bn.path().to_string(), bn);
+        Ok(())
+    }
+
+    /// All BatchNorm layers, sorted by path.
+    pub fn batch_norms(&self) -> Vec<Arc<BatchNorm2d>> {
+        self.lock().batch_norms.values().cloned().collect()
     }
 
     /// All embeddings, sorted by path.
