@@ -32,6 +32,12 @@ PINS=(
   "huggingface_hub==2.4.0"
   "accelerate==1.15.0"
   "numpy==2.4.6"
+  # torchvision 0.29.x is built against the stable libtorch ABI (torchvision/_C_stable.so,
+  # Requires-Dist torch>=2.14.0) and is the newest release on PyPI, so it is the one that
+  # matches torch 2.15.0 (there is no 0.30). Used by tests/fixtures/vision/ and
+  # benches/compare/vision_reference.py; pillow is what its transforms need.
+  "torchvision==0.29.2"
+  "pillow==13.0.0"
 )
 
 log() { printf '[python-env] %s\n' "$*"; }
@@ -49,7 +55,7 @@ print_versions() {
   "$VENV/bin/python" - <<'EOF'
 import sys, importlib.metadata as md
 print(f"[python-env] python {sys.version.split()[0]} at {sys.executable}")
-for name in ["torch", "transformers", "peft", "safetensors", "tokenizers", "huggingface_hub", "accelerate", "numpy"]:
+for name in ["torch", "transformers", "peft", "safetensors", "tokenizers", "huggingface_hub", "accelerate", "numpy", "torchvision", "pillow"]:
     print(f"[python-env]   {name}=={md.version(name)}")
 import torch
 print(f"[python-env] torch CUDA available: {torch.cuda.is_available()} (CPU use is intended)")

@@ -2,12 +2,28 @@
 //! [`peft_core::ModelBuilder`] so that adapters are injected at construction.
 
 pub mod bert;
+pub mod cnn;
+pub mod dinov2;
+pub mod mobilenet_v2;
+pub mod resnet;
 pub mod resolve;
+pub mod vit;
+pub mod vit_common;
 
 pub use bert::{BertConfig, BertForTokenClassification, BertModel};
+pub use cnn::ImageModelOptions;
+pub use dinov2::{
+    dinov2_image_classifier, Dinov2Config, Dinov2ForImageClassification, Dinov2Model,
+};
+pub use mobilenet_v2::MobileNetV2;
+pub use resnet::{ResNet, ResNetDepth};
 pub use resolve::{resolve_model, ModelFiles, ResolveError};
+pub use vit::{vit_image_classifier, ViTConfig, ViTForImageClassification, ViTModel};
+pub use vit_common::{interpolate_bicubic, Resize};
 pub mod load;
 pub mod merge;
 
 pub use load::{bert_token_classifier, read_bert_config};
 pub use merge::{merged_tensors, write_merged_token_classifier};
+pub mod pth;
+pub use pth::read_pth;

@@ -110,6 +110,35 @@ pub fn modules_to_save(base_trainables: &ParamStore) -> Vec<String> {
     mods
 }
 
+/// The running statistics of every BatchNorm that updates them while training
+/// ([`crate::BatchNormMode::Update`]): trained state the adapter file must carry, saved under the
+/// module's path as peft saves a `modules_to_save` BatchNorm (`<path>.running_mean`/`running_var`).
+pub fn batch_norm_state(parts: &TunedParts) -> Vec<(String, Tensor)> {
+    parts
+        .registry
+        .batch_norms()
+        .iter()
+        .filter(|bn| bn.mode() == crate::BatchNormMode::Update)
+        .flat_map(|bn| {
+            let (mean, var) = bn.running_stats();
+            [
+                (format!("{}.running_mean", bn.path()), mean),
+                (format!("{}.running_var", bn.path()), var),
+            ]
+        })
+        .collect()
+}
+
+/// The BatchNorm modules whose statistics [`batch_norm_state`] saves.
+fn batch_norm_modules(parts: &TunedParts) -> Vec<String> {
+    let mut mods: Vec<String> = batch_norm_state(parts)
+        .into_iter()
+        .filter_map(|(n, _)| n.rsplit_once('.').map(|(m, _)| m.to_string()))
+        .collect();
+    mods.dedup();
+    mods
+}
+
 /// The model's trainable parameters that belong to no adapter (task heads, unfrozen base
 /// parameters), with the selected adapter's values.
 pub fn base_trainables(parts: &TunedParts) -> Result<ParamStore> {
@@ -155,11 +184,17 @@ fn save_unfrozen(
     let tensors: Vec<(String, Tensor)> = trained
         .named_vars()
         .into_iter()
-        .map(|(n, v)| (format!("{KEY_PREFIX}{n}"), v.as_tensor().clone()))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .chain(batch_norm_state(parts))
+        .map(|(n, t)| (format!("{KEY_PREFIX}{n}"), t))
         .collect();
+    let mut modules = modules_to_save(&trained);
+    modules.extend(batch_norm_modules(parts));
+    modules.sort();
+    modules.dedup();
     let config = serde_json::json!({
         "base_model_name_or_path": base_model,
-        "modules_to_save": modules_to_save(&trained),
+        "modules_to_save": modules,
         "peft_type": UNFROZEN_TYPE,
         "task_type": task_type,
         "unfreeze": parts.plan.unfreeze,
@@ -212,9 +247,17 @@ pub fn read_plan(dir: &Path) -> Result<(TuningPlan, PeftConfigFile)> {
     // Python peft, and from peft-rs before the patterns were recorded, name whole modules.
     let recorded = read_meta(dir)?.map(|m| m.unfreeze).unwrap_or_default();
     let unfreeze = if recorded.is_empty() {
+        // A BatchNorm listed only for its running statistics trains no parameter.
+        let saved = saved_keys(dir)?;
+        let prefix = key_prefix(&file.peft_type);
         file.modules_to_save
             .iter()
             .flatten()
+            .filter(|m| {
+                ["weight", "bias"]
+                    .iter()
+                    .any(|p| saved.contains(&format!("{prefix}{m}.{p}")))
+            })
             .map(|m| format!("{}\\..*", regex::escape(m)))
             .collect()
     } else {
@@ -228,6 +271,22 @@ pub fn read_plan(dir: &Path) -> Result<(TuningPlan, PeftConfigFile)> {
         },
         file,
     ))
+}
+
+/// The tensor names in `dir`'s weights file (none when it is absent: the load reports that).
+fn saved_keys(dir: &Path) -> Result<std::collections::HashSet<String>> {
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.is_file() {
+        return Ok(Default::default());
+    }
+    // SAFETY: read-only mapping of a file we do not modify while it is mapped.
+    let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
+        PeftError::io(
+            &path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    Ok(st.tensors().into_iter().map(|(k, _)| k).collect())
 }
 
 /// Writes adapter `name` of the model with its task head(s): peft's two files, and
@@ -261,13 +320,18 @@ pub fn save_named(
                 .into_iter()
                 .map(|(n, v)| (n, v.as_tensor().clone())),
         )
+        .chain(batch_norm_state(parts))
         .map(|(n, t)| (file_key(&n, key_prefix(entry.config.peft_type())), t))
         .collect();
+    let mut modules = modules_to_save(&heads);
+    modules.extend(batch_norm_modules(parts));
+    modules.sort();
+    modules.dedup();
     let config = peft_config_json(
         &entry.config.saved_config(),
         base_model,
         task_type,
-        &modules_to_save(&heads),
+        &modules,
     );
     write_folder(dir, &tensors, &config, meta)
 }
@@ -302,6 +366,21 @@ pub fn load_adapter(dir: &Path, parts: &TunedParts, name: &str) -> Result<()> {
 /// (presence, shape, no extras) before any parameter changes, so a bad file leaves the model as it
 /// was.
 pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
+    load_checked(dir, params, &[])
+}
+
+/// [`load_weights`] for a model with BatchNorms: the file's running statistics (saved by
+/// [`save`] for layers that update them, or by peft for BatchNorms in `modules_to_save`) are
+/// loaded too, checked with everything else before anything changes.
+pub fn load_trained(dir: &Path, parts: &TunedParts) -> Result<()> {
+    load_checked(dir, &parts.params, &parts.registry.batch_norms())
+}
+
+fn load_checked(
+    dir: &Path,
+    params: &ParamStore,
+    batch_norms: &[std::sync::Arc<crate::BatchNorm2d>],
+) -> Result<()> {
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() {
         return Err(PeftError::io(&path, "adapter weights file not found"));
@@ -339,8 +418,40 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
             t.to_dtype(DType::F32)?.to_device(var.device())?,
         ));
     }
-    let known: std::collections::HashSet<String> =
+    let mut known: std::collections::HashSet<String> =
         vars.iter().map(|(n, _)| file_key(n, prefix)).collect();
+    let mut stats = Vec::new();
+    for bn in batch_norms {
+        let key = |stat: &str| file_key(&format!("{}.{stat}", bn.path()), prefix);
+        let (mean_key, var_key) = (key("running_mean"), key("running_var"));
+        // peft also saves the counter of a modules_to_save BatchNorm; it is not needed.
+        known.insert(key("num_batches_tracked"));
+        match (
+            st.load(&mean_key, &Device::Cpu),
+            st.load(&var_key, &Device::Cpu),
+        ) {
+            (Ok(mean), Ok(var)) => {
+                let want = bn.running_stats().0.dims().to_vec();
+                if mean.dims() != want || var.dims() != want {
+                    return Err(mismatch(format!(
+                        "tensors `{mean_key}`/`{var_key}` have shapes {:?}/{:?}, but the model's \
+                         BatchNorm has {want:?}",
+                        mean.dims(),
+                        var.dims()
+                    )));
+                }
+                known.insert(mean_key);
+                known.insert(var_key);
+                stats.push((bn.clone(), mean, var));
+            }
+            (Ok(_), Err(_)) | (Err(_), Ok(_)) => {
+                return Err(mismatch(format!(
+                    "the file has only one of `{mean_key}` and `{var_key}`"
+                )))
+            }
+            (Err(_), Err(_)) => {}
+        }
+    }
     if let Some((extra, _)) = st.tensors().into_iter().find(|(k, _)| !known.contains(k)) {
         return Err(mismatch(format!(
             "tensor `{extra}` has no counterpart in the model (targets or head differ)"
@@ -348,6 +459,9 @@ pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
     }
     for (var, t) in updates {
         var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    for (bn, mean, var) in stats {
+        bn.set_running_stats(mean, var)?;
     }
     Ok(())
 }
