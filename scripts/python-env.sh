@@ -79,8 +79,11 @@ fi
 
 log "installing pinned packages into $VENV (the first run downloads torch + CUDA wheels, ~4 GB):"
 printf '[python-env]   %s\n' "${PINS[@]}"
+# One retry: a dropped connection during the multi-GB download should not fail a CI run.
 "$VENV/bin/python" -m pip install --disable-pip-version-check "${PINS[@]}" \
-  || die "pip install failed (is PyPI reachable? are these versions still published?)"
+  || { log "pip install failed; retrying once"; sleep 10;
+       "$VENV/bin/python" -m pip install --disable-pip-version-check "${PINS[@]}"; } \
+  || die "pip install failed twice (is PyPI reachable? are these versions still published?)"
 
 imports_ok || die "packages installed but 'import torch, transformers, peft, safetensors' fails"
 printf '%s' "$WANT" >"$STAMP"
