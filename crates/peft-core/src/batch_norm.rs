@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::ops::batch_norm_train;
+use crate::ops::{affine_act, batch_norm_train, ClampAct};
 
 /// What BatchNorm layers do while training.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +112,13 @@ impl BatchNorm2d {
     /// statistics are used and the running averages updated (momentum, unbiased variance, as
     /// PyTorch); otherwise the running statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, ClampAct::Identity)
+    }
+
+    /// [`Self::forward`] followed by `act`, fused into the same op.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: ClampAct) -> Result<Tensor> {
         if train && self.mode == BatchNormMode::Update {
-            let (y, stats) = batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let (y, stats) = batch_norm_train(x, &self.weight, &self.bias, self.eps, act)?;
             let n = stats.rows as f64;
             let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
             let m = self.momentum;
@@ -127,9 +132,19 @@ impl BatchNorm2d {
             *running = (new_mean, new_var);
             return Ok(y);
         }
-        let (scale, shift) = self.eval_affine(train)?;
-        let dt = x.dtype();
-        Ok(x.broadcast_mul(&scale.to_dtype(dt)?)?
-            .broadcast_add(&shift.to_dtype(dt)?)?)
+        let trainable = train && (self.weight.is_variable() || self.bias.is_variable());
+        let (scale, shift) = self.eval_affine(trainable)?;
+        if trainable {
+            // Frozen statistics with a trainable gain or shift: candle's ops carry their gradients.
+            let dt = x.dtype();
+            let y = x
+                .broadcast_mul(&scale.to_dtype(dt)?)?
+                .broadcast_add(&shift.to_dtype(dt)?)?;
+            return Ok(match act {
+                ClampAct::Identity => y,
+                ClampAct::Clamp(max) => crate::ops::clamp_activation(&y, max)?,
+            });
+        }
+        Ok(affine_act(x, &scale, &shift, act)?)
     }
 }

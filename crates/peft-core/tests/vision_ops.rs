@@ -4,7 +4,8 @@
 
 use candle_core::{Device, Tensor, Var};
 use peft_core::ops::{
-    batch_norm_train, batch_norm_train_reference, depthwise_conv2d, depthwise_conv2d_reference,
+    affine_act, batch_norm_train, batch_norm_train_reference, depthwise_conv2d,
+    depthwise_conv2d_reference, ClampAct,
 };
 use peft_core::{BatchNorm2d, BatchNormMode};
 
@@ -118,38 +119,47 @@ fn depthwise_frozen_kernel_gets_no_gradient() {
 #[test]
 fn batch_norm_matches_reference_values_and_gradients() {
     let (rows, c) = (2 * 5 * 3, 7);
+    // Values spread so that ReLU6 clips on both sides.
     let x = Var::from_tensor(&seeded(&[2, 5, 3, c], 6).affine(3.0, 0.5).unwrap()).unwrap();
-    let w = Var::from_tensor(&seeded(&[c], 7)).unwrap();
-    let b = Var::from_tensor(&seeded(&[c], 8)).unwrap();
+    let w = Var::from_tensor(&seeded(&[c], 7).affine(4.0, 0.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&seeded(&[c], 8).affine(3.0, 1.0).unwrap()).unwrap();
     let probe = seeded(&[2, 5, 3, c], 9);
-    let (y, s) = batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-    let (y_ref, s_ref) =
-        batch_norm_train_reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-    assert_eq!(s.rows, rows);
-    assert!(max_diff(&y, &y_ref) < 1e-5);
-    for (a, b) in s
-        .mean
-        .iter()
-        .zip(&s_ref.mean)
-        .chain(s.var.iter().zip(&s_ref.var))
-    {
-        assert!((a - b).abs() < 1e-5);
-    }
-    let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (y_ref * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for v in [&x, &w, &b] {
-        let (a, r) = (g.get(v).unwrap(), g_ref.get(v).unwrap());
-        assert!(
-            max_diff(a, r) < 1e-4,
-            "gradient {:?}: {}",
-            v.dims(),
-            max_diff(a, r)
-        );
+    for act in [
+        ClampAct::Identity,
+        ClampAct::Clamp(6.0),
+        ClampAct::Clamp(f32::INFINITY),
+    ] {
+        let (y, s) =
+            batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, act).unwrap();
+        let (y_ref, s_ref) =
+            batch_norm_train_reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, act)
+                .unwrap();
+        assert_eq!(s.rows, rows);
+        assert!(max_diff(&y, &y_ref) < 1e-5, "{act:?}");
+        for (a, b) in s
+            .mean
+            .iter()
+            .zip(&s_ref.mean)
+            .chain(s.var.iter().zip(&s_ref.var))
+        {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let (a, r) = (g.get(v).unwrap(), g_ref.get(v).unwrap());
+            assert!(
+                max_diff(a, r) < 1e-4,
+                "{act:?} gradient {:?}: {}",
+                v.dims(),
+                max_diff(a, r)
+            );
+        }
     }
     // Frozen gain and shift: only the input's gradient.
     let (y, _) = batch_norm_train(
@@ -157,10 +167,38 @@ fn batch_norm_matches_reference_values_and_gradients() {
         &w.as_tensor().detach(),
         &b.as_tensor().detach(),
         1e-5,
+        ClampAct::Clamp(6.0),
     )
     .unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
     assert!(g.get(x.as_tensor()).is_some());
+}
+
+#[test]
+fn affine_activation_matches_candle_ops() {
+    let x = Var::from_tensor(&seeded(&[3, 4, 5], 11).affine(8.0, 1.0).unwrap()).unwrap();
+    let scale = seeded(&[5], 12).affine(2.0, 0.5).unwrap();
+    let shift = seeded(&[5], 13);
+    let probe = seeded(&[3, 4, 5], 14);
+    let y = affine_act(x.as_tensor(), &scale, &shift, ClampAct::Clamp(6.0)).unwrap();
+    let y_ref = x
+        .as_tensor()
+        .broadcast_mul(&scale)
+        .unwrap()
+        .broadcast_add(&shift)
+        .unwrap()
+        .clamp(0f32, 6f32)
+        .unwrap();
+    assert!(max_diff(&y, &y_ref) < 1e-6);
+    let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (y_ref * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let d = max_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap());
+    assert!(d < 1e-6, "{d}");
 }
 
 #[test]

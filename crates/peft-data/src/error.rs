@@ -128,6 +128,69 @@ pub enum DataError {
         message: String,
     },
 
+    /// An image file cannot be decoded: unknown format, corrupt or truncated data.
+    #[error("cannot decode image {path}: {reason}")]
+    Image {
+        /// The image file.
+        path: String,
+        /// The decoder's reason.
+        reason: String,
+    },
+
+    /// An image has a pixel format other than 8-bit gray, gray+alpha, RGB or RGBA.
+    #[error(
+        "{path}: unsupported pixel format {found} (expected 8-bit gray, gray+alpha, RGB or RGBA)"
+    )]
+    ImageFormat {
+        /// The image file.
+        path: String,
+        /// The format found (e.g. `Rgb16`).
+        found: String,
+    },
+
+    /// An IDX (MNIST-style) file is malformed or disagrees with its companion file.
+    #[error("{path}: invalid IDX file: {reason}")]
+    Idx {
+        /// The IDX file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A class folder of an image folder dataset holds no image files.
+    #[error("class folder {path} holds no image files (expected .png, .jpg, .jpeg or .bmp)")]
+    EmptyClassFolder {
+        /// The class folder.
+        path: String,
+    },
+
+    /// An image folder dataset does not have the expected layout.
+    #[error("image folder {path}: {reason}")]
+    ImageFolder {
+        /// The folder.
+        path: String,
+        /// What is wrong with it and what was expected.
+        reason: String,
+    },
+
+    /// A CSV file of image paths and labels is malformed.
+    #[error("{path}:{line}: {reason}")]
+    Csv {
+        /// The CSV file.
+        path: String,
+        /// 1-based line number (1 = header).
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
+    /// The background batch loader failed (a worker stopped unexpectedly).
+    #[error("image loader: {reason}")]
+    Loader {
+        /// What happened.
+        reason: String,
+    },
+
     /// An option or argument is out of its valid range.
     #[error("invalid {name}: {reason}")]
     InvalidArgument {

@@ -9,6 +9,10 @@
 //! 4. [`Batcher`] to plan batches and [`Collator`] to pad them into a [`Batch`],
 //! 5. [`word_tags`] to map token predictions back to words.
 //!
+//! The [`image`] module is the image classification pipeline: IDX / image folder / CSV
+//! sources, torchvision-equivalent resize, crop, augmentation and normalisation, splits, and
+//! batches built in background threads.
+//!
 //! ```
 //! use peft_data::{parse_conll_str, AlignOptions, Aligner, Batcher, Collator, LabelSet, TagScheme};
 //! # use tokenizers::{models::wordpiece::WordPiece, normalizers::BertNormalizer,
@@ -63,6 +67,7 @@ mod batcher;
 mod conll;
 mod decode;
 mod error;
+pub mod image;
 mod labels;
 mod scheme;
 

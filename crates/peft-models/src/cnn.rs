@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use peft_core::ops::clamp_activation;
+use peft_core::ops::{clamp_activation, ClampAct};
 use peft_core::{
     BatchNorm2d, BatchNormMode, ConvGeometry, ModelBuilder, PeftError, Result, TunableConv2d,
 };
@@ -25,6 +25,15 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The same activation as the fused ops take it.
+    pub fn as_clamp(self) -> ClampAct {
+        match self {
+            Self::Identity => ClampAct::Identity,
+            Self::Relu => ClampAct::Clamp(f32::INFINITY),
+            Self::Relu6 => ClampAct::Clamp(6.0),
+        }
+    }
+
     /// Applies the activation.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -96,7 +105,7 @@ impl ConvBn {
     /// Applies the block to channels-last `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward_channels_last(x, train)?;
-        self.act.forward(&self.bn.forward(&y, train)?)
+        self.bn.forward_act(&y, train, self.act.as_clamp())
     }
 }
 

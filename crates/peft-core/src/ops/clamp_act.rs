@@ -43,7 +43,8 @@ impl CustomOp1 for ClampAct {
             .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(dx, (y, g))| {
                 for ((d, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *d = if *y > 0.0 && *y < max { *g } else { 0.0 };
+                    // A 0/1 factor rather than a branch keeps the loop vectorised.
+                    *d = *g * ((*y > 0.0) & (*y < max)) as u8 as f32;
                 }
             });
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, with_f32};
 
 /// Stride and zero padding of a depthwise convolution.
 #[derive(Clone, Copy, Debug)]
@@ -195,43 +195,48 @@ impl DepthwiseBackward {
         let (b, h, w, c) = x.dims4()?;
         let (_, oh, ow, _) = g.dims4()?;
         let d = Dims { b, h, w, c, oh, ow };
-        let (xv, kv, gv) = (flat(&x)?, flat(&kernel)?, flat(g)?);
+        let kv = kernel.flatten_all()?.to_vec1::<f32>()?;
         let (in_img, out_img, kn) = (h * w * c, oh * ow * c, self.window.k * self.window.k * c);
-        let mut dx = vec![0f32; b * in_img];
         let win = self.window;
-        let dk = if self.weight_grad {
-            let partial = dx
-                .par_chunks_mut(in_img.max(1))
-                .zip(xv.par_chunks(in_img.max(1)))
-                .zip(gv.par_chunks(out_img.max(1)))
-                .fold(
-                    || vec![0f32; kn],
-                    |mut dk, ((dx, x), g)| {
-                        backward_image(x, &kv, g, dx, Some(&mut dk), d, win);
-                        dk
-                    },
-                )
-                .reduce(
-                    || vec![0f32; kn],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                );
-            Some(Tensor::from_vec(partial, kernel.shape(), kernel.device())?)
-        } else {
-            dx.par_chunks_mut(in_img.max(1))
-                .zip(xv.par_chunks(in_img.max(1)))
-                .zip(gv.par_chunks(out_img.max(1)))
-                .for_each(|((dx, x), g)| backward_image(x, &kv, g, dx, None, d, win));
-            None
-        };
+        let weight_grad = self.weight_grad;
+        let (dx, dk) = with_f32(&x, |xv| {
+            with_f32(g, |gv| {
+                let mut dx = vec![0f32; b * in_img];
+                let dk = if weight_grad {
+                    let partial = dx
+                        .par_chunks_mut(in_img.max(1))
+                        .zip(xv.par_chunks(in_img.max(1)))
+                        .zip(gv.par_chunks(out_img.max(1)))
+                        .fold(
+                            || vec![0f32; kn],
+                            |mut dk, ((dx, x), g)| {
+                                backward_image(x, &kv, g, dx, Some(&mut dk), d, win);
+                                dk
+                            },
+                        )
+                        .reduce(
+                            || vec![0f32; kn],
+                            |mut a, b| {
+                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        );
+                    Some(partial)
+                } else {
+                    dx.par_chunks_mut(in_img.max(1))
+                        .zip(xv.par_chunks(in_img.max(1)))
+                        .zip(gv.par_chunks(out_img.max(1)))
+                        .for_each(|((dx, x), g)| backward_image(x, &kv, g, dx, None, d, win));
+                    None
+                };
+                (dx, dk)
+            })
+        })??;
+        let dk = dk
+            .map(|v| Tensor::from_vec(v, kernel.shape(), kernel.device()))
+            .transpose()?;
         Ok((Tensor::from_vec(dx, x.shape(), x.device())?, dk))
     }
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
 }
 
 /// Depthwise convolution of `x` (`batch × h × w × c`, channels last) with `kernel`

@@ -12,6 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::frozen_linear::cpu_linear;
+use super::gemm::{gemm_accumulate, MatRef};
 use super::{contiguous_f32, fused_kernels};
 
 /// The adapter branch of a LoRA linear: `s·((x ⊙ mask)·Aᵀ)·Bᵀ`.
@@ -91,13 +92,17 @@ impl CustomOp3 for LoraLinear {
             }
             None => x.matmul(a, (1, m, r, k), &x2l, &al.transpose(0, 1)?)?,
         };
-        let d = u.matmul(
-            b,
-            (1, m, n, r),
-            &Layout::contiguous((m, r)),
-            &bl.transpose(0, 1)?,
+        // y += s · u · Bᵀ, accumulated by the GEMM into y (no rows × out temporary).
+        let bv = contiguous_f32(b, bl, self.name())?;
+        let (CpuStorage::F32(yv), CpuStorage::F32(uv)) = (&mut y, &u) else {
+            candle_core::bail!("lora-linear: only f32 is supported on the CPU path")
+        };
+        gemm_accumulate(
+            yv,
+            MatRef::new(uv, m, r),
+            MatRef::new(bv, n, r).t(),
+            self.scale,
         )?;
-        add_scaled(&mut y, &d, self.scale)?;
         Ok((y, super::with_last(xl.shape(), n)))
     }
 
@@ -183,6 +188,27 @@ impl CustomOp2 for LoraInputGrad {
             candle_core::bail!("lora-linear-backward: an operand is not on the CPU")
         };
         let mut dx = g.matmul(w, (1, m, k, n), gl, wl)?;
+        if self.mask.is_none() {
+            // dx += du · A, accumulated by the GEMM (no rows × in temporary).
+            let (CpuStorage::F32(dxv), CpuStorage::F32(duv)) = (&mut dx, du) else {
+                candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
+            };
+            let (Some((d0, d1)), Some((a0, a1))) =
+                (dul.contiguous_offsets(), al.contiguous_offsets())
+            else {
+                candle_core::bail!("lora-linear-backward: operands must be contiguous")
+            };
+            let CpuStorage::F32(av) = a else {
+                candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
+            };
+            gemm_accumulate(
+                dxv,
+                MatRef::new(&duv[d0..d1], m, r),
+                MatRef::new(&av[a0..a1], r, k),
+                1.0,
+            )?;
+            return Ok((dx, Shape::from((m, k))));
+        }
         let t = du.matmul(a, (1, m, k, r), dul, al)?;
         match &self.mask {
             None => add_scaled(&mut dx, &t, 1.0)?,

@@ -11,14 +11,17 @@ mod depthwise;
 mod dropout;
 mod frozen_linear;
 mod gelu;
+mod gemm;
 mod layer_norm;
 mod lora_linear;
 mod multi_lora;
 mod softmax;
 
 pub use attention::{attention, attention_reference, AttentionSpec};
+pub use batch_norm::{
+    affine_act, batch_norm_train, batch_norm_train_reference, BatchStats, ClampAct,
+};
 pub use clamp_act::clamp_activation;
-pub use batch_norm::{batch_norm_train, batch_norm_train_reference, BatchStats};
 #[cfg(feature = "cuda")]
 pub use cuda_ops::adamw as cuda_adamw;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
@@ -42,6 +45,16 @@ fn contiguous_f32<'a>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the f32 values of a CPU tensor, in place when it is contiguous (a copy otherwise).
+fn with_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(contiguous_f32(cpu, layout, "cpu op")?)),
+        _ => candle_core::bail!("a CPU op got a tensor on another device"),
     }
 }
 
