@@ -29,7 +29,8 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Score an adapter on a split: entity precision, recall and F1, per type and micro.
+    /// Score an adapter on a split: entity precision, recall and F1 (NER), or accuracy per class
+    /// (images).
     Eval {
         /// The adapter folder.
         #[arg(long)]
@@ -47,7 +48,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Tag sentences with an adapter.
+    /// Tag sentences with a NER adapter, or classify image files with an image adapter.
     Predict {
         /// The adapter folder.
         #[arg(long)]

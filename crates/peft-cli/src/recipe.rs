@@ -16,8 +16,12 @@ pub struct Recipe {
     pub model: ModelSection,
     /// The task.
     pub task: TaskSection,
-    /// The data.
-    pub data: DataSection,
+    /// Text data (token classification).
+    #[serde(default)]
+    pub data: Option<DataSection>,
+    /// Image data (image classification).
+    #[serde(default)]
+    pub images: Option<peft_train::vision::ImageDataSpec>,
     /// The adapter (absent: only the head and unfrozen parameters train).
     #[serde(default)]
     pub adapter: Option<AdapterConfig>,
@@ -42,6 +46,12 @@ pub struct ModelSection {
     /// `f32`, or `bf16`: frozen weights and activations in bf16, trainable weights in f32.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// The architecture of a checkpoint file (`mobilenet_v2`, `resnet50`, ...).
+    #[serde(default)]
+    pub architecture: Option<String>,
+    /// Dropout before an image classifier's head (default 0.2, torchvision's MobileNetV2).
+    #[serde(default)]
+    pub dropout: Option<f32>,
 }
 
 fn default_dtype() -> String {
@@ -76,6 +86,8 @@ fn default_max_length() -> usize {
 pub enum TaskKind {
     /// Per-token labels (NER).
     TokenClassification,
+    /// One label per image.
+    ImageClassification,
 }
 
 /// `[data]`.
@@ -110,6 +122,10 @@ pub struct TuningSection {
     /// Full-match regexes over parameter names to train outright.
     #[serde(default)]
     pub unfreeze: Vec<String>,
+    /// BatchNorm while training: `update` (batch statistics, running averages saved with the
+    /// adapter; PyTorch's train mode) or `frozen` (the checkpoint's statistics).
+    #[serde(default)]
+    pub batch_norm: peft_core::BatchNormMode,
 }
 
 /// `[train]`.
@@ -189,14 +205,38 @@ impl Recipe {
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             bail!("train.lr must be a positive number, got {}", t.lr);
         }
-        if self.task.max_length < 3 {
-            bail!("task.max_length must leave room for [CLS], a token and [SEP]");
-        }
-        if self.data.format != "conll" {
-            bail!(
-                "data.format `{}` is not supported (expected `conll`)",
-                self.data.format
-            );
+        match self.task.kind {
+            TaskKind::TokenClassification => {
+                if self.task.max_length < 3 {
+                    bail!("task.max_length must leave room for [CLS], a token and [SEP]");
+                }
+                let Some(data) = &self.data else {
+                    bail!("token classification needs a [data] table (train, valid, test files)");
+                };
+                if data.format != "conll" {
+                    bail!(
+                        "data.format `{}` is not supported (expected `conll`)",
+                        data.format
+                    );
+                }
+            }
+            TaskKind::ImageClassification => {
+                let Some(images) = &self.images else {
+                    bail!(
+                        "image classification needs an [images] table (format, path, preprocess)"
+                    );
+                };
+                if self.data.is_some() {
+                    bail!("[data] is for text tasks; image classification reads [images]");
+                }
+                if !(0.0..1.0).contains(&images.valid_fraction) {
+                    bail!(
+                        "images.valid_fraction must be in [0, 1), got {}",
+                        images.valid_fraction
+                    );
+                }
+                images.preprocess.validate()?;
+            }
         }
         Ok(())
     }

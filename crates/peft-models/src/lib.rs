@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod cnn;
 pub mod dinov2;
+pub mod image_models;
 pub mod mobilenet_v2;
 pub mod resnet;
 pub mod resolve;
@@ -15,6 +16,7 @@ pub use cnn::ImageModelOptions;
 pub use dinov2::{
     dinov2_image_classifier, Dinov2Config, Dinov2ForImageClassification, Dinov2Model,
 };
+pub use image_models::{image_classifier, torch_hub_checkpoints, ImageClassifier};
 pub use mobilenet_v2::MobileNetV2;
 pub use resnet::{ResNet, ResNetDepth};
 pub use resolve::{resolve_model, ModelFiles, ResolveError};

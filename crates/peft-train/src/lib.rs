@@ -13,6 +13,7 @@ pub mod plot;
 pub mod schedule;
 pub mod tasks;
 pub mod trainer;
+pub mod vision;
 
 pub use error::{Result, TrainError};
 pub use schedule::ScheduleConfig;

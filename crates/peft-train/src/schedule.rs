@@ -40,6 +40,49 @@ pub enum ScheduleConfig {
         #[serde(default = "half_cycle")]
         num_cycles: f64,
     },
+    /// PyTorch's `OneCycleLR` (two phases, cosine annealing): from `lr/div_factor` up to `lr`
+    /// over the first `pct_start` of the steps, then down to `lr/(div_factor·final_div_factor)`;
+    /// with `cycle_momentum`, Adam's β₁ goes the other way between `max_momentum` and
+    /// `base_momentum` (PyTorch's defaults: 0.3, 25, 1e4, 0.85, 0.95).
+    OneCycle {
+        /// Fraction of the steps spent increasing the rate.
+        #[serde(default = "pct_start")]
+        pct_start: f64,
+        /// Initial rate = lr / div_factor.
+        #[serde(default = "div_factor")]
+        div_factor: f64,
+        /// Final rate = initial rate / final_div_factor.
+        #[serde(default = "final_div_factor")]
+        final_div_factor: f64,
+        /// Cycle β₁ inversely to the rate.
+        #[serde(default = "yes")]
+        cycle_momentum: bool,
+        /// β₁ at the peak rate.
+        #[serde(default = "base_momentum")]
+        base_momentum: f64,
+        /// β₁ at the start and the end.
+        #[serde(default = "max_momentum")]
+        max_momentum: f64,
+    },
+}
+
+fn pct_start() -> f64 {
+    0.3
+}
+fn div_factor() -> f64 {
+    25.0
+}
+fn final_div_factor() -> f64 {
+    1e4
+}
+fn yes() -> bool {
+    true
+}
+fn base_momentum() -> f64 {
+    0.85
+}
+fn max_momentum() -> f64 {
+    0.95
 }
 
 fn half_cycle() -> f64 {
@@ -70,6 +113,22 @@ pub enum ScheduleKind {
         /// Number of cosine waves.
         num_cycles: f64,
     },
+    /// PyTorch's one-cycle policy.
+    OneCycle {
+        /// Fraction of the steps spent increasing the rate.
+        pct_start: f64,
+        /// Initial rate = lr / div_factor.
+        div_factor: f64,
+        /// Final rate = initial rate / final_div_factor.
+        final_div_factor: f64,
+        /// β₁ at the peak and at the ends, when cycled.
+        momentum: Option<(f64, f64)>,
+    },
+}
+
+/// PyTorch's cosine annealing from `start` to `end` at fraction `pct`.
+fn anneal_cos(start: f64, end: f64, pct: f64) -> f64 {
+    end + (start - end) / 2.0 * ((std::f64::consts::PI * pct).cos() + 1.0)
 }
 
 /// A schedule resolved against the base learning rate and the total number of optimizer steps.
@@ -122,6 +181,37 @@ impl ScheduleConfig {
                     resolve_warmup(warmup_steps, warmup_ratio, total_steps)?,
                 )
             }
+            Self::OneCycle {
+                pct_start,
+                div_factor,
+                final_div_factor,
+                cycle_momentum,
+                base_momentum,
+                max_momentum,
+            } => {
+                if !(pct_start > 0.0 && pct_start < 1.0) {
+                    return Err(TrainError::config(
+                        "schedule.pct_start",
+                        format!("expected a value in (0, 1), found {pct_start}"),
+                    ));
+                }
+                if !(div_factor > 0.0 && final_div_factor > 0.0) {
+                    return Err(TrainError::config(
+                        "schedule.div_factor",
+                        "div_factor and final_div_factor must be positive",
+                    ));
+                }
+                let momentum = cycle_momentum.then_some((base_momentum, max_momentum));
+                (
+                    ScheduleKind::OneCycle {
+                        pct_start,
+                        div_factor,
+                        final_div_factor,
+                        momentum,
+                    },
+                    0,
+                )
+            }
         };
         Ok(LrSchedule {
             kind,
@@ -161,6 +251,19 @@ impl LrSchedule {
             return s / w.max(1.0);
         }
         match self.kind {
+            ScheduleKind::OneCycle {
+                div_factor,
+                final_div_factor,
+                ..
+            } => {
+                let initial = 1.0 / div_factor;
+                let (phase, pct) = self.one_cycle_phase(step);
+                if phase == 0 {
+                    anneal_cos(initial, 1.0, pct)
+                } else {
+                    anneal_cos(1.0, initial / final_div_factor, pct)
+                }
+            }
             ScheduleKind::Constant | ScheduleKind::ConstantWithWarmup => 1.0,
             ScheduleKind::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
             ScheduleKind::Cosine { num_cycles } => {
@@ -169,6 +272,36 @@ impl LrSchedule {
                 (0.5 * (1.0 + cos)).max(0.0)
             }
         }
+    }
+
+    /// Which one-cycle phase `step` is in (0 rising, 1 falling) and how far, as PyTorch computes
+    /// it (phase ends at step `pct_start·total − 1` and `total − 1`).
+    fn one_cycle_phase(&self, step: usize) -> (usize, f64) {
+        let ScheduleKind::OneCycle { pct_start, .. } = self.kind else {
+            return (1, 0.0);
+        };
+        let s = step as f64;
+        let up_end = pct_start * self.total_steps as f64 - 1.0;
+        let down_end = self.total_steps as f64 - 1.0;
+        if s <= up_end {
+            (0, if up_end > 0.0 { s / up_end } else { 1.0 })
+        } else {
+            (1, ((s - up_end) / (down_end - up_end).max(1e-12)).min(1.0))
+        }
+    }
+
+    /// Adam's β₁ at `step` when the schedule cycles it (one-cycle), else `None`.
+    pub fn beta1_at(&self, step: usize) -> Option<f64> {
+        let ScheduleKind::OneCycle { momentum, .. } = self.kind else {
+            return None;
+        };
+        let (base, max) = momentum?;
+        let (phase, pct) = self.one_cycle_phase(step);
+        Some(if phase == 0 {
+            anneal_cos(max, base, pct)
+        } else {
+            anneal_cos(base, max, pct)
+        })
     }
 
     /// The learning rate at optimizer step `step` (0-based): `base_lr * factor(step)`.
@@ -203,6 +336,25 @@ mod tests {
 
     fn parse(json: &str) -> std::result::Result<ScheduleConfig, serde_json::Error> {
         serde_json::from_str(json)
+    }
+
+    /// Values printed by torch 2.15's `OneCycleLR(opt, max_lr=1e-3, total_steps=10)` with Adam
+    /// (defaults: pct_start 0.3, div 25, final div 1e4, betas cycled 0.95 → 0.85 → 0.95).
+    #[test]
+    fn one_cycle_matches_pytorch() {
+        let s = parse(r#"{"type": "one_cycle"}"#).unwrap().build(1e-3, 10).unwrap();
+        let want_lr = [
+            4e-05, 0.00052, 0.001, 0.000950484632013, 0.00081174565395, 0.000611262021936,
+            0.000388741978064, 0.00018825834605, 4.95193679865e-05, 4e-09,
+        ];
+        let want_beta = [
+            0.95, 0.9, 0.85, 0.854951557, 0.86882551, 0.888873953, 0.911126047, 0.93117449,
+            0.945048443, 0.95,
+        ];
+        for (k, (lr, b)) in want_lr.iter().zip(want_beta).enumerate() {
+            assert!((s.lr_at(k) - lr).abs() < 1e-14 + 1e-10 * lr, "lr at {k}: {} vs {lr}", s.lr_at(k));
+            assert!((s.beta1_at(k).unwrap() - b).abs() < 1e-8, "beta1 at {k}");
+        }
     }
 
     #[test]

@@ -178,6 +178,9 @@ impl Trainer {
                     .unwrap_or(1.0);
                 let lr = schedule.lr_at(step);
                 optimizer.set_lr(lr);
+                if let Some(beta1) = schedule.beta1_at(step) {
+                    optimizer.set_beta1(beta1);
+                }
                 if norm.is_finite() {
                     optimizer.step_scaled(&grads, scale * clip)?;
                 } else {

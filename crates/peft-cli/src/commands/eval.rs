@@ -15,6 +15,9 @@ pub fn run(
     base: Option<&str>,
     json: bool,
 ) -> Result<()> {
+    if super::is_image_adapter(adapter)? {
+        return super::eval_image::eval(adapter, split, data, json);
+    }
     let ner = load_ner_adapter(adapter, base, &Device::Cpu)?;
     let path = match data {
         Some(p) => p.to_path_buf(),

@@ -58,6 +58,10 @@ fn entities(words: &[String], tags: &[String]) -> Vec<(String, String)> {
 }
 
 pub fn run(adapter: &Path, text: &[String], base: Option<&str>, json: bool) -> Result<()> {
+    if super::is_image_adapter(adapter)? {
+        // For an image classifier the arguments are image files.
+        return super::eval_image::predict(adapter, text, json);
+    }
     let ner = load_ner_adapter(adapter, base, &Device::Cpu)?;
     let lines: Vec<String> = if text.is_empty() {
         std::io::stdin()

@@ -19,10 +19,13 @@ use crate::recipe::{Recipe, TaskKind};
 /// Sentences per evaluation batch.
 const EVAL_BATCH: usize = 64;
 
+/// Trains the recipe at `recipe_path` (with `key=value` overrides) and writes its adapter.
 pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<()> {
     let started = Instant::now();
     let recipe = Recipe::load(recipe_path, overrides)?;
-    let TaskKind::TokenClassification = recipe.task.kind;
+    if recipe.task.kind == TaskKind::ImageClassification {
+        return super::train_image::run(recipe_path, &recipe, overrides, progress, started);
+    }
     let device = parse_device(&recipe.model.device)?;
     let dtype = parse_dtype(&recipe.model.dtype)?;
     let files = resolve_model(&recipe.model.name)?;
@@ -31,7 +34,10 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         max_len: Some(recipe.task.max_length),
     };
     let aligner = aligner_for(&files, options)?;
-    let d = &recipe.data;
+    let d = recipe
+        .data
+        .as_ref()
+        .context("token classification needs a [data] table")?;
     let mut train_sentences = peft_data::read_conll(&d.train, d.tag_scheme)?;
     if let Some(n) = d.limit_train {
         train_sentences.truncate(n);
@@ -83,23 +89,8 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
         collator,
         batcher,
     );
-    let t = &recipe.train;
     let trainer = Trainer::new(
-        TrainerConfig {
-            epochs: t.epochs,
-            optimizer: AdamWConfig {
-                lr: t.lr,
-                weight_decay: t.weight_decay,
-                ..Default::default()
-            },
-            schedule: t.schedule.clone(),
-            max_grad_norm: t.max_grad_norm,
-            grad_accumulation: t.grad_accumulation,
-            early_stopping_patience: t.early_stopping_patience,
-            log_every: t.log_every,
-            run_dir: recipe.output.run_dir.clone(),
-            progress,
-        },
+        trainer_config(&recipe, progress),
         model.parts.params.named_vars(),
     )?;
     let summary = trainer.fit(&task)?;
@@ -182,6 +173,26 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     );
     println!("run log       {}", recipe.output.run_dir.display());
     Ok(())
+}
+
+/// The trainer settings of a recipe's `[train]` and `[output]` tables.
+pub fn trainer_config(recipe: &Recipe, progress: bool) -> TrainerConfig {
+    let t = &recipe.train;
+    TrainerConfig {
+        epochs: t.epochs,
+        optimizer: AdamWConfig {
+            lr: t.lr,
+            weight_decay: t.weight_decay,
+            ..Default::default()
+        },
+        schedule: t.schedule.clone(),
+        max_grad_norm: t.max_grad_norm,
+        grad_accumulation: t.grad_accumulation,
+        early_stopping_patience: t.early_stopping_patience,
+        log_every: t.log_every,
+        run_dir: recipe.output.run_dir.clone(),
+        progress,
+    }
 }
 
 /// Tokenises prompt tuning's init text (special tokens included, as peft does) when the recipe

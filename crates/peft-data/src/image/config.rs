@@ -11,7 +11,7 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// What the loader does with an image it cannot read or decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnBadImage {
     /// Stop the epoch with an error naming the file and the decoder's reason.
@@ -22,7 +22,7 @@ pub enum OnBadImage {
 }
 
 /// Training augmentation: torchvision's `RandomResizedCrop` and `RandomHorizontalFlip`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
     /// Crop a random area and aspect ratio, resized to `crop × crop` (instead of resize +
@@ -102,7 +102,7 @@ impl AugmentConfig {
 /// assert!(serde_json::from_str::<ImageConfig>(r#"{ "size": 64 }"#).is_err());
 /// # Ok::<(), peft_data::DataError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImageConfig {
     /// The shorter side after resizing (torchvision's `Resize(resize)`), evaluation path.

@@ -168,6 +168,12 @@ impl AdamW {
         self.config.lr
     }
 
+    /// Sets β₁ for the following steps (a one-cycle schedule cycles it, as PyTorch does for
+    /// Adam; the bias correction then uses the current β₁, also as PyTorch).
+    pub fn set_beta1(&mut self, beta1: f64) {
+        self.config.beta1 = beta1;
+    }
+
     /// Sets the learning rate for the following steps (called by the schedule each step).
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
