@@ -29,6 +29,23 @@ for logits in "$out"/*.safetensors; do
     fi
   fi
 done
+# Vision: the shipped MobileNetV2 adapter (LoRA on 1x1 convolutions, new head, BatchNorm state in
+# modules_to_save) in Python peft on torchvision's model, against `peft-rs predict` on test images.
+echo "::: mobilenet-v2-fashion-mnist-lora (Python peft on torchvision, vs peft-rs predict)"
+"$VENV/bin/python" - "$out" <<'PY'
+import gzip, sys
+import numpy as np
+from PIL import Image
+images = np.frombuffer(gzip.open("assets/data/fashion-mnist/t10k-images-idx3-ubyte.gz").read()[16:], np.uint8)
+for i, img in enumerate(images.reshape(-1, 28, 28)[:8]):
+    Image.fromarray(img).save(f"{sys.argv[1]}/fashion_{i}.png")
+PY
+cargo run --quiet --release -p peft-cli --bin peft-rs -- predict --adapter adapters/mobilenet-v2-fashion-mnist-lora \
+  --json "$out"/fashion_*.png > "$out/vision_predictions.jsonl"
+if ! "$VENV/bin/python" tests/fixtures/vision/check_cnn_adapter.py adapters/mobilenet-v2-fashion-mnist-lora \
+    "$out/vision_predictions.jsonl"; then
+  failed+=("mobilenet-v2-fashion-mnist-lora")
+fi
 if [ ${#failed[@]} -ne 0 ]; then
   echo "Python peft does not reproduce peft-rs for: ${failed[*]}"
   exit 1

@@ -188,9 +188,15 @@ impl Recipe {
         for o in overrides {
             apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
         }
-        let recipe: Recipe = value
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        // Deserialising from text (the recipe's own, or the overridden tree written back) gives
+        // errors with the line, the key's table and a caret, not just the message.
+        let (source, note) = if overrides.is_empty() {
+            (text, "")
+        } else {
+            (toml::to_string(&value)?, " (after the --set overrides)")
+        };
+        let recipe: Recipe = toml::from_str(&source)
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}{note}: {e}", path.display()))?;
         recipe
             .validate()
             .with_context(|| format!("recipe {}", path.display()))?;

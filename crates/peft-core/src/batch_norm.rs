@@ -1,6 +1,7 @@
 //! BatchNorm over channels-last activations, with PyTorch's train/eval semantics and the choice,
 //! per model, of updating the running statistics while training or keeping them frozen.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use candle_core::{DType, Tensor};
@@ -34,6 +35,9 @@ pub struct BatchNorm2d {
     eps: f64,
     momentum: f64,
     mode: BatchNormMode,
+    /// Batches whose statistics went into the running averages (PyTorch's
+    /// `num_batches_tracked`, counted from this model's construction).
+    tracked: AtomicU64,
 }
 
 impl BatchNorm2d {
@@ -57,7 +61,23 @@ impl BatchNorm2d {
             eps,
             momentum,
             mode,
+            tracked: AtomicU64::new(0),
         }
+    }
+
+    /// The gain (a trainable `Var`'s tensor when unfrozen).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift (a trainable `Var`'s tensor when unfrozen).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Batches tracked into the running statistics since construction.
+    pub fn tracked_batches(&self) -> u64 {
+        self.tracked.load(Ordering::Relaxed)
     }
 
     /// The module path.
@@ -130,6 +150,7 @@ impl BatchNorm2d {
             let new_mean = ((&running.0 * (1.0 - m))? + (mean * m)?)?;
             let new_var = ((&running.1 * (1.0 - m))? + (var * (m * unbias))?)?;
             *running = (new_mean, new_var);
+            self.tracked.fetch_add(1, Ordering::Relaxed);
             return Ok(y);
         }
         let trainable = train && (self.weight.is_variable() || self.bias.is_variable());

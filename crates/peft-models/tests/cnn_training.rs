@@ -149,9 +149,27 @@ fn lora_trains_adapter_and_head_and_saves_batch_norm_statistics() {
         max_diff(&a, &b)
     );
     assert!(max_diff(&a, &before) > 1e-3, "the load changed something");
-    // The plain loader refuses the statistics it cannot place.
+    // peft's form of a modules_to_save BatchNorm: its whole state dict.
+    let st =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for stat in [
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ] {
+        assert!(
+            st.contains_key(&format!("base_model.model.features.0.1.{stat}")),
+            "{stat}"
+        );
+    }
+    let tracked = &st["base_model.model.features.0.1.num_batches_tracked"];
+    assert_eq!(tracked.to_scalar::<i64>().unwrap(), 1, "one training step");
+    // The plain loader refuses the BatchNorm state it cannot place.
     let err = adapter_io::load_weights(dir.path(), &fresh.parts.params).unwrap_err();
-    assert!(err.to_string().contains("running_"), "{err}");
+    assert!(err.to_string().contains("features."), "{err}");
 }
 
 #[test]

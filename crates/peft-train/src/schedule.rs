@@ -342,17 +342,40 @@ mod tests {
     /// (defaults: pct_start 0.3, div 25, final div 1e4, betas cycled 0.95 → 0.85 → 0.95).
     #[test]
     fn one_cycle_matches_pytorch() {
-        let s = parse(r#"{"type": "one_cycle"}"#).unwrap().build(1e-3, 10).unwrap();
+        let s = parse(r#"{"type": "one_cycle"}"#)
+            .unwrap()
+            .build(1e-3, 10)
+            .unwrap();
         let want_lr = [
-            4e-05, 0.00052, 0.001, 0.000950484632013, 0.00081174565395, 0.000611262021936,
-            0.000388741978064, 0.00018825834605, 4.95193679865e-05, 4e-09,
+            4e-05,
+            0.00052,
+            0.001,
+            0.000950484632013,
+            0.00081174565395,
+            0.000611262021936,
+            0.000388741978064,
+            0.00018825834605,
+            4.95193679865e-05,
+            4e-09,
         ];
         let want_beta = [
-            0.95, 0.9, 0.85, 0.854951557, 0.86882551, 0.888873953, 0.911126047, 0.93117449,
-            0.945048443, 0.95,
+            0.95,
+            0.9,
+            0.85,
+            0.854951557,
+            0.86882551,
+            0.888873953,
+            0.911126047,
+            0.93117449,
+            0.945048443,
+            0.95,
         ];
         for (k, (lr, b)) in want_lr.iter().zip(want_beta).enumerate() {
-            assert!((s.lr_at(k) - lr).abs() < 1e-14 + 1e-10 * lr, "lr at {k}: {} vs {lr}", s.lr_at(k));
+            assert!(
+                (s.lr_at(k) - lr).abs() < 1e-14 + 1e-10 * lr,
+                "lr at {k}: {} vs {lr}",
+                s.lr_at(k)
+            );
             assert!((s.beta1_at(k).unwrap() - b).abs() < 1e-8, "beta1 at {k}");
         }
     }

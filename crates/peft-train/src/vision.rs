@@ -51,6 +51,10 @@ pub struct ImageDataSpec {
     /// Use a stratified subset of this many validation images.
     #[serde(default)]
     pub limit_valid: Option<usize>,
+    /// Use a stratified subset of this many test images (quick runs; the reported test accuracy
+    /// is then on the subset).
+    #[serde(default)]
+    pub limit_test: Option<usize>,
     /// Decode/resize/crop/normalise/augment settings.
     #[serde(default)]
     pub preprocess: ImageConfig,
@@ -116,6 +120,9 @@ impl ImageDataSpec {
         }
         if let (Some(n), Some(v)) = (self.limit_valid, &splits.valid) {
             splits.valid = Some(v.limit(n, seed)?);
+        }
+        if let (Some(n), Some(t)) = (self.limit_test, &splits.test) {
+            splits.test = Some(t.limit(n, seed)?);
         }
         Ok(splits)
     }

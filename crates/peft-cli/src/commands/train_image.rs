@@ -126,7 +126,8 @@ pub fn run(
         settings,
     };
     let out = &recipe.output.adapter_dir;
-    adapter_io::save(out, parts, &spec.name, "IMAGE_CLASSIFICATION", &meta)?;
+    // peft has no task type for image classifiers: `task_type` is null, as peft writes for them.
+    adapter_io::save(out, parts, &spec.name, "", &meta)?;
     let adapter_bytes = super::inspect::folder_bytes(out)?;
     write_card(
         out,

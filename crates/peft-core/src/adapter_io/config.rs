@@ -168,7 +168,8 @@ pub fn peft_config_json(
         "modules_to_save": if modules_to_save.is_empty() { Value::Null } else { serde_json::json!(modules_to_save) },
         "peft_type": adapter.peft_type(),
         "revision": null,
-        "task_type": task_type,
+        // peft accepts only its own task types; models it has none for (torchvision CNNs) save null.
+        "task_type": (!task_type.is_empty()).then_some(task_type),
     });
     if let Value::Object(c) = common {
         m.extend(c);

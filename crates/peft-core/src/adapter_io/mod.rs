@@ -110,33 +110,41 @@ pub fn modules_to_save(base_trainables: &ParamStore) -> Vec<String> {
     mods
 }
 
-/// The running statistics of every BatchNorm that updates them while training
-/// ([`crate::BatchNormMode::Update`]): trained state the adapter file must carry, saved under the
-/// module's path as peft saves a `modules_to_save` BatchNorm (`<path>.running_mean`/`running_var`).
-pub fn batch_norm_state(parts: &TunedParts) -> Vec<(String, Tensor)> {
+/// The state of every BatchNorm that updates its statistics while training
+/// ([`crate::BatchNormMode::Update`]): trained state the adapter file must carry. Saved as peft
+/// saves a BatchNorm in `modules_to_save`, its whole state dict under the module's path
+/// (`weight`, `bias` unless they are trainable parameters saved anyway, `running_mean`,
+/// `running_var`, `num_batches_tracked`), so that Python peft loads it too.
+pub fn batch_norm_state(parts: &TunedParts) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for bn in parts.registry.batch_norms() {
+        if bn.mode() != crate::BatchNormMode::Update {
+            continue;
+        }
+        let p = bn.path();
+        for (name, t) in [("weight", bn.weight()), ("bias", bn.bias())] {
+            if !t.is_variable() {
+                out.push((format!("{p}.{name}"), t.to_dtype(DType::F32)?));
+            }
+        }
+        let (mean, var) = bn.running_stats();
+        out.push((format!("{p}.running_mean"), mean));
+        out.push((format!("{p}.running_var"), var));
+        let count = Tensor::new(bn.tracked_batches() as i64, &Device::Cpu)?;
+        out.push((format!("{p}.num_batches_tracked"), count));
+    }
+    Ok(out)
+}
+
+/// The BatchNorm modules whose statistics [`batch_norm_state`] saves.
+fn batch_norm_modules(parts: &TunedParts) -> Vec<String> {
     parts
         .registry
         .batch_norms()
         .iter()
         .filter(|bn| bn.mode() == crate::BatchNormMode::Update)
-        .flat_map(|bn| {
-            let (mean, var) = bn.running_stats();
-            [
-                (format!("{}.running_mean", bn.path()), mean),
-                (format!("{}.running_var", bn.path()), var),
-            ]
-        })
+        .map(|bn| bn.path().to_string())
         .collect()
-}
-
-/// The BatchNorm modules whose statistics [`batch_norm_state`] saves.
-fn batch_norm_modules(parts: &TunedParts) -> Vec<String> {
-    let mut mods: Vec<String> = batch_norm_state(parts)
-        .into_iter()
-        .filter_map(|(n, _)| n.rsplit_once('.').map(|(m, _)| m.to_string()))
-        .collect();
-    mods.dedup();
-    mods
 }
 
 /// The model's trainable parameters that belong to no adapter (task heads, unfrozen base
@@ -185,7 +193,7 @@ fn save_unfrozen(
         .named_vars()
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
-        .chain(batch_norm_state(parts))
+        .chain(batch_norm_state(parts)?)
         .map(|(n, t)| (format!("{KEY_PREFIX}{n}"), t))
         .collect();
     let mut modules = modules_to_save(&trained);
@@ -196,7 +204,7 @@ fn save_unfrozen(
         "base_model_name_or_path": base_model,
         "modules_to_save": modules,
         "peft_type": UNFROZEN_TYPE,
-        "task_type": task_type,
+        "task_type": (!task_type.is_empty()).then_some(task_type),
         "unfreeze": parts.plan.unfreeze,
     });
     write_folder(dir, &tensors, &config, Some(meta))
@@ -245,18 +253,21 @@ pub fn read_plan(dir: &Path) -> Result<(TuningPlan, PeftConfigFile)> {
     };
     // peft-rs records its patterns (a bias-only adapter holds no whole module); folders from
     // Python peft, and from peft-rs before the patterns were recorded, name whole modules.
-    let recorded = read_meta(dir)?.map(|m| m.unfreeze).unwrap_or_default();
+    let meta = read_meta(dir)?;
+    let made_here = meta.is_some();
+    let recorded = meta.map(|m| m.unfreeze).unwrap_or_default();
     let unfreeze = if recorded.is_empty() {
-        // A BatchNorm listed only for its running statistics trains no parameter.
+        // peft-rs lists a BatchNorm in modules_to_save for its statistics (with the base's gain
+        // and shift, as peft needs them): that trains no parameter. In folders from Python peft a
+        // listed BatchNorm was trained whole.
         let saved = saved_keys(dir)?;
         let prefix = key_prefix(&file.peft_type);
         file.modules_to_save
             .iter()
             .flatten()
             .filter(|m| {
-                ["weight", "bias"]
-                    .iter()
-                    .any(|p| saved.contains(&format!("{prefix}{m}.{p}")))
+                let has = |p: &str| saved.contains(&format!("{prefix}{m}.{p}"));
+                (has("weight") || has("bias")) && !(made_here && has("running_mean"))
             })
             .map(|m| format!("{}\\..*", regex::escape(m)))
             .collect()
@@ -320,7 +331,7 @@ pub fn save_named(
                 .into_iter()
                 .map(|(n, v)| (n, v.as_tensor().clone())),
         )
-        .chain(batch_norm_state(parts))
+        .chain(batch_norm_state(parts)?)
         .map(|(n, t)| (file_key(&n, key_prefix(entry.config.peft_type())), t))
         .collect();
     let mut modules = modules_to_save(&heads);
@@ -424,8 +435,14 @@ fn load_checked(
     for bn in batch_norms {
         let key = |stat: &str| file_key(&format!("{}.{stat}", bn.path()), prefix);
         let (mean_key, var_key) = (key("running_mean"), key("running_var"));
-        // peft also saves the counter of a modules_to_save BatchNorm; it is not needed.
+        // The counter is not needed (momentum is set); a frozen gain and shift are saved for
+        // peft's sake and equal the base's (trainable ones are parameters, loaded above).
         known.insert(key("num_batches_tracked"));
+        for (name, t) in [("weight", bn.weight()), ("bias", bn.bias())] {
+            if !t.is_variable() {
+                known.insert(key(name));
+            }
+        }
         match (
             st.load(&mean_key, &Device::Cpu),
             st.load(&var_key, &Device::Cpu),

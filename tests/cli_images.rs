@@ -1,0 +1,281 @@
+//! End-to-end tests of `peft-rs` on image classification: a tiny random ViT
+//! (tests/fixtures/vit/vit_tiny) through recipes/vit-fashion-mnist.toml on a generated image
+//! folder, the MobileNetV2 Fashion-MNIST recipe on a small subset (real assets), and bad input.
+//! The reloaded adapter must reproduce the validation accuracy measured in training: that checks
+//! the saved head, LoRA weights and BatchNorm statistics together.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft-rs"))
+        .args(args)
+        .current_dir(repo())
+        .env("PEFT_RS_LOG", "warn")
+        .output()
+        .expect("running peft-rs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "peft-rs {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "peft-rs {args:?} should fail");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
+    }
+}
+
+/// Three classes of 20×20 images told apart by colour, with per-image noise; `train/` and `test/`.
+fn image_folder(root: &Path) {
+    let colours = [
+        ("red", [200u8, 40, 40]),
+        ("green", [40, 200, 40]),
+        ("blue", [40, 40, 200]),
+    ];
+    for (split, n) in [("train", 12), ("test", 6)] {
+        for (class, rgb) in colours {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(20, 20, |x, y| {
+                    let noise = ((x * 7 + y * 13 + i * 31) % 40) as u8;
+                    image::Rgb([
+                        rgb[0].saturating_add(noise),
+                        rgb[1],
+                        rgb[2].saturating_sub(noise / 2),
+                    ])
+                });
+                img.save(dir.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+fn summary(run_dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap()
+}
+
+fn json_accuracy(out: &str) -> f64 {
+    serde_json::from_str::<Value>(out).unwrap()["accuracy"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn vit_recipe_trains_reloads_evaluates_and_predicts() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
+    let sets = [
+        format!(
+            "model.name={}",
+            repo().join("tests/fixtures/vit/vit_tiny").display()
+        ),
+        "images.format=folder".into(),
+        format!("images.path={}", data.display()),
+        "images.class_names=[\"blue\",\"green\",\"red\"]".into(),
+        "images.valid_fraction=0.25".into(),
+        "images.limit_train=24".into(),
+        "images.limit_valid=9".into(),
+        "images.preprocess.resize=16".into(),
+        "images.preprocess.crop=16".into(),
+        "train.epochs=2".into(),
+        "train.batch_size=8".into(),
+        format!("output.adapter_dir={}", adapter.display()),
+        format!("output.run_dir={}", run_dir.display()),
+    ];
+    let mut args = vec!["train", "recipes/vit-fashion-mnist.toml", "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    ok(&args);
+    let s = summary(&run_dir);
+    assert_eq!(
+        s["train"]["steps"],
+        2 * 3,
+        "24 images in batches of 8, 2 epochs"
+    );
+    let valid = s["train"]["best"]["score"].as_f64().unwrap();
+    let test = s["test"]["accuracy"].as_f64().unwrap();
+    let a = adapter.to_str().unwrap();
+    // The reloaded adapter reproduces training's numbers exactly.
+    assert_eq!(
+        json_accuracy(&ok(&["eval", "--adapter", a, "--split", "valid", "--json"])),
+        valid
+    );
+    assert_eq!(
+        json_accuracy(&ok(&["eval", "--adapter", a, "--split", "test", "--json"])),
+        test
+    );
+    let img = data.join("test/red/0.png");
+    let out = ok(&["predict", "--adapter", a, img.to_str().unwrap(), "--json"]);
+    let top = &serde_json::from_str::<Value>(&out).unwrap()["top"];
+    assert_eq!(top.as_array().unwrap().len(), 3);
+    let inspect = ok(&["inspect", a]);
+    assert!(
+        inspect.contains("LORA") && inspect.contains("q_proj"),
+        "{inspect}"
+    );
+    // peft's files: LoRA keys under the transformers 5 module names, and the new head.
+    let st = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(st
+        .keys()
+        .any(|k| k == "base_model.model.vit.layers.0.attention.q_proj.lora_A.weight"));
+    assert!(st.keys().any(|k| k == "base_model.model.classifier.weight"));
+}
+
+#[test]
+fn bad_images_and_folders_are_named() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    std::fs::write(
+        data.join("train/red/broken.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    let base = |extra: &[String]| {
+        let mut sets = vec![
+            format!(
+                "model.name={}",
+                repo().join("tests/fixtures/vit/vit_tiny").display()
+            ),
+            "images.format=folder".into(),
+            format!("images.path={}", data.display()),
+            "images.class_names=[\"blue\",\"green\",\"red\"]".into(),
+            "images.preprocess.resize=16".into(),
+            "images.preprocess.crop=16".into(),
+            "train.epochs=1".into(),
+            format!("output.adapter_dir={}", tmp.path().join("a").display()),
+            format!("output.run_dir={}", tmp.path().join("r").display()),
+        ];
+        sets.extend_from_slice(extra);
+        sets
+    };
+    let args_of = |sets: &[String]| {
+        let mut args = vec![
+            "train".to_string(),
+            "recipes/vit-fashion-mnist.toml".into(),
+            "--quiet".into(),
+        ];
+        for s in sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args
+    };
+    let fail_args = args_of(&base(&[]));
+    let fail_refs: Vec<&str> = fail_args.iter().map(String::as_str).collect();
+    fails(&fail_refs, &["broken.png"]);
+    let skip_args = args_of(&base(&["images.preprocess.on_bad_image=skip".into()]));
+    let skip_refs: Vec<&str> = skip_args.iter().map(String::as_str).collect();
+    ok(&skip_refs);
+    std::fs::remove_file(data.join("train/red/broken.png")).unwrap();
+    std::fs::create_dir_all(data.join("train/yellow")).unwrap();
+    let empty_args = args_of(&base(&[]));
+    let empty_refs: Vec<&str> = empty_args.iter().map(String::as_str).collect();
+    fails(&empty_refs, &["yellow"]);
+    // A recipe for images without [images], and a torchvision name that does not exist.
+    fails(
+        &[
+            "train",
+            "recipes/vit-fashion-mnist.toml",
+            "--set",
+            "images.format=png",
+        ],
+        &["format = \"png\"", "unknown variant `png`"],
+    );
+    fails(
+        &[
+            "train",
+            "recipes/mobilenet-fashion-mnist.toml",
+            "--set",
+            "model.name=torchvision/vgg16",
+        ],
+        &["torchvision/vgg16", "torchvision/mobilenet_v2"],
+    );
+}
+
+fn assets_present() -> bool {
+    let weights = peft_models::torch_hub_checkpoints().join("mobilenet_v2-b0353104.pth");
+    let data = repo().join("assets/data/fashion-mnist/train-images-idx3-ubyte.gz");
+    let present = weights.is_file() && data.is_file();
+    if !present {
+        assert!(
+            std::env::var("PEFT_RS_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "MobileNetV2 weights or Fashion-MNIST missing: run scripts/setup-assets.sh"
+        );
+        eprintln!(
+            "skipping: MobileNetV2 weights or Fashion-MNIST missing (scripts/setup-assets.sh)"
+        );
+    }
+    present
+}
+
+#[test]
+fn mobilenet_recipe_round_trips_batch_norm_statistics() {
+    if !assets_present() {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
+    let a = adapter.to_str().unwrap().to_string();
+    let r = run_dir.to_str().unwrap().to_string();
+    ok(&[
+        "train",
+        "recipes/mobilenet-fashion-mnist.toml",
+        "--quiet",
+        "--set",
+        "images.limit_train=128",
+        "--set",
+        "images.limit_valid=64",
+        "--set",
+        "images.limit_test=64",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        &format!("output.adapter_dir={a}"),
+        "--set",
+        &format!("output.run_dir={r}"),
+    ]);
+    let s = summary(&run_dir);
+    assert_eq!(s["trainable_parameters"], 161_034);
+    let valid = s["train"]["best"]["score"].as_f64().unwrap();
+    assert_eq!(
+        json_accuracy(&ok(&[
+            "eval",
+            "--adapter",
+            &a,
+            "--split",
+            "valid",
+            "--json"
+        ])),
+        valid
+    );
+}
