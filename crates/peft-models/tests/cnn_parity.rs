@@ -47,11 +47,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn mobilenet_checkpoint() -> Option<WeightSource> {
-    let home = std::env::var_os("TORCH_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/torch")))
-        .unwrap_or_default();
-    let path = home.join("hub/checkpoints/mobilenet_v2-b0353104.pth");
+    let path = peft_models::torch_hub_checkpoints().join("mobilenet_v2-b0353104.pth");
     if !path.is_file() {
         if std::env::var("PEFT_RS_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
             panic!("{} is missing: run scripts/setup-assets.sh", path.display());
