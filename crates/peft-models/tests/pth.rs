@@ -252,15 +252,7 @@ fn random_opcode_streams_never_panic() {
 }
 
 fn mobilenet_path() -> Option<PathBuf> {
-    let home = std::env::var_os("TORCH_HOME")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(cache.join("torch"))
-        })?;
-    let path = home.join("hub/checkpoints/mobilenet_v2-b0353104.pth");
+    let path = peft_models::torch_hub_checkpoints().join("mobilenet_v2-b0353104.pth");
     path.exists().then_some(path)
 }
 

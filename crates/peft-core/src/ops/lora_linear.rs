@@ -42,17 +42,6 @@ fn cpu_tensor_f32<'a>(s: &'a Storage, l: &Layout, op: &str) -> candle_core::Resu
     }
 }
 
-/// `y += s · d`, elementwise.
-fn add_scaled(y: &mut CpuStorage, d: &CpuStorage, s: f32) -> candle_core::Result<()> {
-    match (y, d) {
-        (CpuStorage::F32(y), CpuStorage::F32(d)) => {
-            y.iter_mut().zip(d).for_each(|(y, d)| *y += s * d);
-            Ok(())
-        }
-        _ => candle_core::bail!("lora-linear: only f32 is supported on the CPU path"),
-    }
-}
-
 /// `x ⊙ m` as a fresh contiguous storage.
 fn masked(x: &[f32], mask: &[f32]) -> CpuStorage {
     CpuStorage::F32(x.iter().zip(mask).map(|(x, m)| x * m).collect())
@@ -188,34 +177,33 @@ impl CustomOp2 for LoraInputGrad {
             candle_core::bail!("lora-linear-backward: an operand is not on the CPU")
         };
         let mut dx = g.matmul(w, (1, m, k, n), gl, wl)?;
-        if self.mask.is_none() {
-            // dx += du · A, accumulated by the GEMM (no rows × in temporary).
-            let (CpuStorage::F32(dxv), CpuStorage::F32(duv)) = (&mut dx, du) else {
-                candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
-            };
-            let (Some((d0, d1)), Some((a0, a1))) =
-                (dul.contiguous_offsets(), al.contiguous_offsets())
-            else {
-                candle_core::bail!("lora-linear-backward: operands must be contiguous")
-            };
-            let CpuStorage::F32(av) = a else {
-                candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
-            };
-            gemm_accumulate(
-                dxv,
-                MatRef::new(&duv[d0..d1], m, r),
-                MatRef::new(&av[a0..a1], r, k),
-                1.0,
-            )?;
-            return Ok((dx, Shape::from((m, k))));
-        }
-        let t = du.matmul(a, (1, m, k, r), dul, al)?;
+        let CpuStorage::F32(dxv) = &mut dx else {
+            candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
+        };
         match &self.mask {
-            None => add_scaled(&mut dx, &t, 1.0)?,
+            // dx += du · A, accumulated by the GEMM (no rows × in temporary).
+            None => {
+                let (CpuStorage::F32(duv), CpuStorage::F32(av)) = (du, a) else {
+                    candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
+                };
+                let (Some((d0, d1)), Some((a0, a1))) =
+                    (dul.contiguous_offsets(), al.contiguous_offsets())
+                else {
+                    candle_core::bail!("lora-linear-backward: operands must be contiguous")
+                };
+                gemm_accumulate(
+                    dxv,
+                    MatRef::new(&duv[d0..d1], m, r),
+                    MatRef::new(&av[a0..a1], r, k),
+                    1.0,
+                )?;
+            }
+            // dx += (du · A) ⊙ m: the mask needs the product on its own.
             Some(mask) => {
+                let t = du.matmul(a, (1, m, k, r), dul, al)?;
                 let guard = mask.storage_and_layout();
                 let mv = cpu_tensor_f32(&guard.0, guard.1, self.name())?;
-                let (CpuStorage::F32(dxv), CpuStorage::F32(tv)) = (&mut dx, &t) else {
+                let CpuStorage::F32(tv) = &t else {
                     candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
                 };
                 for ((d, t), m) in dxv.iter_mut().zip(tv).zip(mv) {

@@ -8,12 +8,9 @@ use peft_data::image::{EpochIter, ImageBatch, ImageLoader};
 use peft_models::ImageClassifier;
 use serde::Serialize;
 
+use super::candle;
 use crate::error::{Result, TrainError};
 use crate::trainer::{Evaluation, Task};
-
-fn candle<T>(what: &str, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| TrainError::candle(what, e))
-}
 
 /// The pixels of a batch as a `(batch, 3, h, w)` tensor on `device`.
 pub fn batch_pixels(batch: &ImageBatch, device: &Device) -> Result<Tensor> {

@@ -5,13 +5,10 @@ use candle_core::{DType, Device, Tensor, D};
 use peft_data::{Batcher, Collator, Encoded, LabelSet, IGNORE_INDEX};
 use peft_models::BertForTokenClassification;
 
+use super::candle;
 use crate::error::{Result, TrainError};
 use crate::metrics::{entity_scores, EntityScores};
 use crate::trainer::{Evaluation, Task};
-
-fn candle<T>(what: &str, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| TrainError::candle(what, e))
-}
 
 fn core<T>(r: peft_core::Result<T>) -> Result<T> {
     Ok(r?)
