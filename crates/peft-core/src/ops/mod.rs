@@ -16,6 +16,7 @@ mod layer_norm;
 mod lora_linear;
 mod multi_lora;
 mod softmax;
+mod vmath;
 
 pub use attention::{attention, attention_reference, AttentionSpec};
 pub use batch_norm::{

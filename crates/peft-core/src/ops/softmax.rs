@@ -2,8 +2,13 @@
 //! The mask lives inside the op, so autograd computes no gradient buffer for it; the backward is
 //! one fused op as well.
 
+use super::vmath::{self, simd};
 use super::{contiguous_f32, fused_kernels};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Rows of scores one CPU task takes (rows are short: one per query of one head).
+const ROWS_PER_TASK: usize = 32;
 
 struct MaskedSoftmax {
     /// Additive f32 mask of shape `(batch, keys)`, contiguous, broadcast over heads and queries.
@@ -31,33 +36,37 @@ impl CustomOp1 for MaskedSoftmax {
             None => None,
         };
         let mut out = vec![0f32; x.len()];
-        for (r, (row, o)) in x
-            .chunks_exact(keys)
-            .zip(out.chunks_exact_mut(keys))
+        let block = keys * ROWS_PER_TASK;
+        out.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
             .enumerate()
-        {
-            match mask {
-                Some(mask) => {
-                    let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
-                    for i in 0..keys {
-                        o[i] = self.scale * row[i] + m[i];
+            .for_each(|(task, (out, x))| {
+                simd(|| {
+                    for (i, (row, o)) in x
+                        .chunks_exact(keys)
+                        .zip(out.chunks_exact_mut(keys))
+                        .enumerate()
+                    {
+                        let r = task * ROWS_PER_TASK + i;
+                        match mask {
+                            Some(mask) => {
+                                let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
+                                for ((o, &x), &m) in o.iter_mut().zip(row).zip(m) {
+                                    *o = self.scale * x + m;
+                                }
+                            }
+                            None => {
+                                for (o, &x) in o.iter_mut().zip(row) {
+                                    *o = self.scale * x;
+                                }
+                            }
+                        }
+                        let sum = vmath::exp_shifted_sum(o, vmath::max(o));
+                        let inv = 1.0 / sum;
+                        o.iter_mut().for_each(|v| *v *= inv);
                     }
-                }
-                None => {
-                    for i in 0..keys {
-                        o[i] = self.scale * row[i];
-                    }
-                }
-            }
-            let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in o.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|v| *v *= inv);
-        }
+                })
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -97,16 +106,23 @@ impl CustomOp2 for SoftmaxBackward {
         let g = contiguous_f32(gs, gl, self.name())?;
         let keys = pl.dims()[pl.dims().len() - 1];
         let mut dx = vec![0f32; p.len()];
-        for ((p, g), d) in p
-            .chunks_exact(keys)
-            .zip(g.chunks_exact(keys))
-            .zip(dx.chunks_exact_mut(keys))
-        {
-            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-            for i in 0..keys {
-                d[i] = self.scale * p[i] * (g[i] - dot);
-            }
-        }
+        let block = keys * ROWS_PER_TASK;
+        dx.par_chunks_mut(block)
+            .zip(p.par_chunks(block).zip(g.par_chunks(block)))
+            .for_each(|(dx, (p, g))| {
+                simd(|| {
+                    for ((p, g), d) in p
+                        .chunks_exact(keys)
+                        .zip(g.chunks_exact(keys))
+                        .zip(dx.chunks_exact_mut(keys))
+                    {
+                        let dot = vmath::dot(p, g);
+                        for ((d, &p), &g) in d.iter_mut().zip(p).zip(g) {
+                            *d = self.scale * p * (g - dot);
+                        }
+                    }
+                })
+            });
         Ok((CpuStorage::F32(dx), pl.shape().clone()))
     }
 
@@ -169,25 +185,52 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    #[test]
-    fn matches_composite_softmax_and_gradient() -> candle_core::Result<()> {
+    /// The op against candle's composite softmax, forward within 1e-6 and gradient within 1e-5.
+    fn check_against_composite(
+        dims: (usize, usize, usize, usize),
+        mask: Tensor,
+    ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let s = Var::randn(0f32, 2., (2, 3, 4, 5), &dev)?;
-        let mask = Tensor::new(&[[0f32, 0., 0., -1e4, -1e4], [0., 0., 0., 0., 0.]], &dev)?;
-        let w = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
+        let (b, _, _, k) = dims;
+        let s = Var::randn(0f32, 2., dims, &dev)?;
+        let w = Tensor::randn(0f32, 1., dims, &dev)?;
         let ours = masked_softmax(s.as_tensor(), Some(&mask), 0.125)?;
         let reference = candle_nn::ops::softmax(
-            &(s.as_tensor() * 0.125)?.broadcast_add(&mask.reshape((2, 1, 1, 5))?)?,
+            &(s.as_tensor() * 0.125)?.broadcast_add(&mask.reshape((b, 1, 1, k))?)?,
             candle_core::D::Minus1,
         )?;
         let diff = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "forward differs by {diff}");
+        assert!(diff < 1e-6, "{dims:?}: forward differs by {diff}");
         let g1 = (ours * &w)?.sum_all()?.backward()?;
         let g2 = (reference * &w)?.sum_all()?.backward()?;
         let d = (g1.get(s.as_tensor()).unwrap() - g2.get(s.as_tensor()).unwrap())?;
         let diff = d.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "gradient differs by {diff}");
+        assert!(diff < 1e-5, "{dims:?}: gradient differs by {diff}");
         assert!(g1.get(&mask).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn matches_composite_softmax_and_gradient() -> candle_core::Result<()> {
+        let mask = Tensor::new(
+            &[[0f32, 0., 0., -1e4, -1e4], [0., 0., 0., 0., 0.]],
+            &Device::Cpu,
+        )?;
+        check_against_composite((2, 3, 4, 5), mask)
+    }
+
+    /// More rows than one CPU task takes, batches that split tasks, rows longer than the SIMD
+    /// lanes with a tail, and masked keys at −∞ and f32::MIN.
+    #[test]
+    fn matches_composite_across_tasks_and_lanes() -> candle_core::Result<()> {
+        let (b, k) = (3, 37);
+        let mask: Vec<f32> = (0..b * k)
+            .map(|i| match i % 11 {
+                3 => f32::NEG_INFINITY,
+                7 => f32::MIN,
+                _ => 0.0,
+            })
+            .collect();
+        check_against_composite((b, 5, 7, k), Tensor::from_vec(mask, (b, k), &Device::Cpu)?)
     }
 }
