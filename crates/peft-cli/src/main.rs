@@ -131,6 +131,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    if !peft_core::device::keep_freed_cpu_buffers() {
+        tracing::debug!("the allocator does not take mallopt settings; CPU buffers are not kept");
+    }
     let result = match cli.command {
         Command::Train {
             recipe,

@@ -2,18 +2,20 @@
 //! Q, K and V in the linears' `(batch, seq, heads·head_dim)` layout to the context in the same
 //! layout.
 //!
-//! On CUDA this is one op: per-head strided-batched cuBLAS GEMMs read the heads in place (no
-//! split/merge copies), one kernel does scale + mask + softmax, dropout re-derives its mask from a
-//! seed, and nothing score-sized is kept for the backward, which recomputes the probabilities
-//! from Q and K (as FlashAttention does, though the scores of one layer are still materialised
-//! transiently). Elsewhere [`attention_reference`] composes candle ops and the other custom ops;
-//! it computes the same function (same dropout mask for the same seed) and is the reference the
-//! device checks compare against.
+//! On f32 CPU tensors and f32/bf16 CUDA tensors this is one op: the per-head GEMMs read the
+//! heads in place (no split/merge copies), scale + mask + softmax is one pass, dropout re-derives
+//! its mask from a seed, and nothing score-sized is kept for the backward, which recomputes the
+//! probabilities from Q and K (as FlashAttention does, though one head's (CPU) or one layer's
+//! (CUDA) scores are still materialised transiently). The CPU op is in cpu_attention.rs, the CUDA
+//! one in cuda_attention.rs. Elsewhere (other dtypes, more keys than queries)
+//! [`attention_reference`] composes candle ops and the other custom ops; it computes the same
+//! function (same dropout mask for the same seed) and is the reference both ops are tested
+//! against.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::dropout::apply_seeded_dropout;
-use super::masked_softmax;
+use super::{contiguous_f32, masked_softmax, with_f32};
 
 /// Settings of one attention call besides Q, K and V.
 #[derive(Clone, Copy, Debug)]
@@ -52,12 +54,7 @@ pub fn attention(
             spec.heads
         )
     }
-    let fused = q.device().is_cuda()
-        && keys == s
-        && matches!(
-            q.dtype(),
-            candle_core::DType::F32 | candle_core::DType::BF16
-        );
+    let fused = keys == s && super::fused_kernels(q);
     if !fused {
         return attention_reference(q, k, v, spec);
     }
@@ -108,7 +105,6 @@ pub fn attention_reference(
 }
 
 #[derive(Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FusedAttention {
     heads: usize,
     scale: f32,
@@ -123,14 +119,20 @@ impl CustomOp3 for FusedAttention {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("attention: the fused op runs on CUDA; the CPU uses the composite")
+        let (q, k, v) = (
+            contiguous_f32(q, ql, self.name())?,
+            contiguous_f32(k, kl, self.name())?,
+            contiguous_f32(v, vl, self.name())?,
+        );
+        let ctx = self.with_cpu_params(ql, |p| super::cpu_attention::forward(p, q, k, v))?;
+        Ok((CpuStorage::F32(ctx), ql.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -170,6 +172,33 @@ impl CustomOp3 for FusedAttention {
 }
 
 impl FusedAttention {
+    /// Runs `f` with the CPU op's parameters for inputs of layout `l` (the mask read in place).
+    fn with_cpu_params<R>(
+        &self,
+        l: &Layout,
+        f: impl FnOnce(super::cpu_attention::Params<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (batch, seq, hidden) = l.shape().dims3()?;
+        let params = super::cpu_attention::Params {
+            batch,
+            seq,
+            hidden,
+            heads: self.heads,
+            scale: self.scale,
+            mask: None,
+            dropout: self.dropout,
+        };
+        match &self.mask {
+            Some(m) => with_f32(m, |m| {
+                f(super::cpu_attention::Params {
+                    mask: Some(m),
+                    ..params
+                })
+            })?,
+            None => f(params),
+        }
+    }
+
     #[cfg(feature = "cuda")]
     fn params(&self) -> super::cuda_attention::Params<'_> {
         super::cuda_attention::Params {
@@ -182,7 +211,6 @@ impl FusedAttention {
 }
 
 /// Maps the context gradient to `(dq, dk, dv)` stacked in one `(3, batch, seq, hidden)` tensor.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct AttentionBackward {
     forward: FusedAttention,
     q: Tensor,
@@ -195,8 +223,24 @@ impl CustomOp1 for AttentionBackward {
         "attention-backward"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("attention-backward: the fused op runs on CUDA")
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(g, gl, self.name())?;
+        // The forward's inputs are contiguous (it made them so): read them in place.
+        let (qs, ql) = self.q.storage_and_layout();
+        let (ks, kl) = self.k.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+            candle_core::bail!("attention-backward: q, k and v are not all on the CPU")
+        };
+        let q = contiguous_f32(qs, ql, self.name())?;
+        let k = contiguous_f32(ks, kl, self.name())?;
+        let v = contiguous_f32(vs, vl, self.name())?;
+        let grads = self
+            .forward
+            .with_cpu_params(gl, |p| super::cpu_attention::backward(p, g, q, k, v))?;
+        let mut dims = vec![3];
+        dims.extend_from_slice(gl.dims());
+        Ok((CpuStorage::F32(grads), Shape::from(dims)))
     }
 
     #[cfg(feature = "cuda")]

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::vmath::simd_kernel;
 
 /// A seeded random stream shared by every dropout layer of a model.
 #[derive(Clone, Debug)]
@@ -32,6 +35,10 @@ impl DropoutRng {
     }
 }
 
+/// Elements per parallel CPU task.
+const CHUNK: usize = 1 << 14;
+
+#[inline(always)]
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -40,6 +47,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// The scaled keep-mask for element `i`: `1/keep` with probability `keep`, else 0.
+#[inline(always)]
 fn mask_value(seed: u64, i: u64, keep: f32) -> f32 {
     let u = (splitmix64(seed ^ i.wrapping_mul(0xd134_2543_de82_ef95)) >> 40) as f32
         * (1.0 / 16_777_216.0);
@@ -47,6 +55,15 @@ fn mask_value(seed: u64, i: u64, keep: f32) -> f32 {
         1.0 / keep
     } else {
         0.0
+    }
+}
+
+simd_kernel! {
+    /// `y = x ⊙ mask(seed)` for elements `first..first + x.len()` of a tensor.
+    pub(super) fn dropout_block(y: &mut [f32], x: &[f32], seed: u64, first: u64, keep: f32) {
+        for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+            *y = x * mask_value(seed, first + i as u64, keep);
+        }
     }
 }
 
@@ -138,11 +155,11 @@ impl candle_core::CustomOp1 for DropoutOp {
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         let x = super::contiguous_f32(s, l, self.name())?;
-        let y = x
-            .iter()
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
             .enumerate()
-            .map(|(i, v)| v * mask_value(self.seed, i as u64, self.keep))
-            .collect();
+            .for_each(|(c, (y, x))| dropout_block(y, x, self.seed, (c * CHUNK) as u64, self.keep));
         Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -206,6 +223,21 @@ mod tests {
             0.0,
             "seeded"
         );
+        Ok(())
+    }
+
+    /// The parallel, vectorised op draws exactly the per-element formula (the CUDA kernel's too),
+    /// across chunk boundaries.
+    #[test]
+    fn op_is_the_per_element_formula_across_chunks() -> candle_core::Result<()> {
+        let n = 2 * CHUNK + 1234;
+        let values: Vec<f32> = (0..n).map(|i| (i % 97) as f32 - 48.0).collect();
+        let x = Tensor::from_vec(values.clone(), n, &Device::Cpu)?;
+        let (seed, keep) = (0x1234_5678_9abc_def0, 0.9);
+        let y = apply_seeded_dropout(&x, seed, keep)?.to_vec1::<f32>()?;
+        for (i, (&y, &x)) in y.iter().zip(&values).enumerate() {
+            assert_eq!(y, x * mask_value(seed, i as u64, keep), "element {i}");
+        }
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! which showed as 12% of a BERT training step; this op evaluates erf with a short polynomial
 //! (max abs error 2e-7 in f32: its series below 1, Abramowitz & Stegun 7.1.26 above) and a vectorised exp over parallel chunks.
 
-use super::vmath::{erf, exp, simd};
+use super::vmath::{erf, exp, simd_kernel};
 use super::{contiguous_f32, fused_kernels};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -12,6 +12,26 @@ const CHUNK: usize = 4096;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+simd_kernel! {
+    /// `y = 0.5·x·(1 + erf(x/√2))`.
+    fn gelu_block(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx = g · (Φ(x) + x·φ(x))`.
+    fn gelu_backward_block(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            *d = g * (cdf + x * pdf);
+        }
+    }
+}
 
 struct Gelu;
 
@@ -25,13 +45,7 @@ impl CustomOp1 for Gelu {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                simd(|| {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                    }
-                })
-            });
+            .for_each(|(y, x)| gelu_block(y, x));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -71,15 +85,7 @@ impl CustomOp2 for GeluBackward {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| {
-                simd(|| {
-                    for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                        let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                        let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
-                        *d = g * (cdf + x * pdf);
-                    }
-                })
-            });
+            .for_each(|(d, (x, g))| gelu_backward_block(d, x, g));
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 

@@ -1,7 +1,8 @@
-//! A checked f32 GEMM that accumulates into its output (`C += s·A·B`), over the `gemm` crate that
-//! candle's CPU matmul uses. candle's `matmul` always writes a fresh buffer, so adding a product to
-//! an existing one (a LoRA update onto the base output, the adapter's share of an input gradient)
-//! would cost a full-size temporary and an extra pass.
+//! A checked f32 GEMM over strided views (`C = s·A·B` or `C += s·A·B`), over the `gemm` crate that
+//! candle's CPU matmul uses. candle's `matmul` always writes a fresh contiguous buffer, so adding a
+//! product to an existing one (a LoRA update onto the base output, the adapter's share of an input
+//! gradient) would cost a full-size temporary and an extra pass, and one head's product inside a
+//! `(seq, hidden)` activation would need split and merge copies.
 
 use gemm::Parallelism;
 
@@ -47,43 +48,97 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `dst += scale · lhs · rhs` for a contiguous row-major `dst` of `lhs.rows × rhs.cols`.
+/// A row-major mutable `rows × cols` matrix inside a slice: contiguous columns, rows `row_stride`
+/// apart (a head's columns of a `(seq, hidden)` activation).
+pub(crate) struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+impl MatMut<'_> {
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.cols <= self.row_stride
+                && (self.rows - 1) * self.row_stride + self.cols <= self.data.len())
+    }
+}
+
+/// `dst += scale · lhs · rhs` for a contiguous row-major `dst` of `lhs.rows × rhs.cols`, on all
+/// of rayon's threads when the product is large enough.
 pub(crate) fn gemm_accumulate(
     dst: &mut [f32],
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
     scale: f32,
 ) -> candle_core::Result<()> {
+    let (rows, cols) = (lhs.rows, rhs.cols);
+    let parallel = rows * cols * lhs.cols >= 1 << 16;
+    let dst = MatMut {
+        data: dst,
+        rows,
+        cols,
+        row_stride: cols,
+    };
+    gemm_into(dst, lhs, rhs, scale, true, parallel)
+}
+
+/// `dst = scale · lhs · rhs`, or `dst += …` when `accumulate`, on the calling thread alone
+/// (`parallel = false`, for callers that run independent products in parallel themselves) or
+/// on all of rayon's threads.
+pub(crate) fn gemm_into(
+    dst: MatMut<'_>,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    scale: f32,
+    accumulate: bool,
+    parallel: bool,
+) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n || !lhs.fits() || !rhs.fits() {
+    if rhs.rows != k || dst.rows != m || dst.cols != n || !dst.fits() || !lhs.fits() || !rhs.fits()
+    {
         candle_core::bail!(
-            "gemm: {}×{} · {}×{} into {} values does not fit",
+            "gemm: {}×{} · {}×{} into {}×{} (row stride {}, {} values) does not fit",
             lhs.rows,
             lhs.cols,
             rhs.rows,
             rhs.cols,
-            dst.len()
+            dst.rows,
+            dst.cols,
+            dst.row_stride,
+            dst.data.len()
         )
     }
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
         return Ok(());
     }
-    let parallelism = if m * n * k >= 1 << 16 {
+    if k == 0 {
+        if !accumulate {
+            for row in dst.data.chunks_mut(dst.row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    let parallelism = if parallel {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
     };
-    // SAFETY: every index the kernel reads or writes is inside the slices: checked above for
-    // lhs/rhs (`fits`) and dst (`m·n` contiguous values, row stride n, column stride 1).
+    // SAFETY: every index the kernel reads or writes is inside the slices, as checked above
+    // (`fits`: the last row's last column is within each slice). With `accumulate` false the
+    // kernel does not read dst (alpha is ignored when read_dst is false).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.data.as_mut_ptr(),
             1,
-            n as isize,
-            true,
+            dst.row_stride as isize,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,

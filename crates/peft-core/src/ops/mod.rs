@@ -3,6 +3,7 @@
 mod attention;
 mod batch_norm;
 mod clamp_act;
+mod cpu_attention;
 #[cfg(feature = "cuda")]
 mod cuda_attention;
 #[cfg(feature = "cuda")]

@@ -2,13 +2,61 @@
 //! The mask lives inside the op, so autograd computes no gradient buffer for it; the backward is
 //! one fused op as well.
 
-use super::vmath::{self, simd};
+use super::vmath::{self, simd_kernel};
 use super::{contiguous_f32, fused_kernels};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows of scores one CPU task takes (rows are short: one per query of one head).
 const ROWS_PER_TASK: usize = 32;
+
+/// Where the mask row of each score row is: rows `first_row..` of a block, `rows_per_batch` score
+/// rows per mask row of `keys` values.
+#[derive(Clone, Copy)]
+pub(super) struct RowMask<'a> {
+    pub mask: Option<&'a [f32]>,
+    pub keys: usize,
+    pub first_row: usize,
+    pub rows_per_batch: usize,
+}
+
+simd_kernel! {
+    /// `out = softmax(scale·x + mask)` row by row over a block of rows.
+    pub(super) fn softmax_rows(out: &mut [f32], x: &[f32], rows: RowMask<'_>, scale: f32) {
+        let keys = rows.keys;
+        for (i, (row, o)) in x.chunks_exact(keys).zip(out.chunks_exact_mut(keys)).enumerate() {
+            match rows.mask {
+                Some(mask) => {
+                    let r = rows.first_row + i;
+                    let m = &mask[(r / rows.rows_per_batch) * keys..][..keys];
+                    for ((o, &x), &m) in o.iter_mut().zip(row).zip(m) {
+                        *o = scale * x + m;
+                    }
+                }
+                None => {
+                    for (o, &x) in o.iter_mut().zip(row) {
+                        *o = scale * x;
+                    }
+                }
+            }
+            let sum = vmath::exp_shifted_sum(o, vmath::max(o));
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx = scale · p ⊙ (g − Σ g⊙p)` row by row over a block of rows.
+    pub(super) fn softmax_backward_rows(dx: &mut [f32], p: &[f32], g: &[f32], keys: usize, scale: f32) {
+        for ((p, g), d) in p.chunks_exact(keys).zip(g.chunks_exact(keys)).zip(dx.chunks_exact_mut(keys)) {
+            let dot = vmath::dot(p, g);
+            for ((d, &p), &g) in d.iter_mut().zip(p).zip(g) {
+                *d = scale * p * (g - dot);
+            }
+        }
+    }
+}
 
 struct MaskedSoftmax {
     /// Additive f32 mask of shape `(batch, keys)`, contiguous, broadcast over heads and queries.
@@ -41,31 +89,13 @@ impl CustomOp1 for MaskedSoftmax {
             .zip(x.par_chunks(block))
             .enumerate()
             .for_each(|(task, (out, x))| {
-                simd(|| {
-                    for (i, (row, o)) in x
-                        .chunks_exact(keys)
-                        .zip(out.chunks_exact_mut(keys))
-                        .enumerate()
-                    {
-                        let r = task * ROWS_PER_TASK + i;
-                        match mask {
-                            Some(mask) => {
-                                let m = &mask[(r / self.rows_per_batch) * keys..][..keys];
-                                for ((o, &x), &m) in o.iter_mut().zip(row).zip(m) {
-                                    *o = self.scale * x + m;
-                                }
-                            }
-                            None => {
-                                for (o, &x) in o.iter_mut().zip(row) {
-                                    *o = self.scale * x;
-                                }
-                            }
-                        }
-                        let sum = vmath::exp_shifted_sum(o, vmath::max(o));
-                        let inv = 1.0 / sum;
-                        o.iter_mut().for_each(|v| *v *= inv);
-                    }
-                })
+                let rows = RowMask {
+                    mask,
+                    keys,
+                    first_row: task * ROWS_PER_TASK,
+                    rows_per_batch: self.rows_per_batch,
+                };
+                softmax_rows(out, x, rows, self.scale)
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -109,20 +139,7 @@ impl CustomOp2 for SoftmaxBackward {
         let block = keys * ROWS_PER_TASK;
         dx.par_chunks_mut(block)
             .zip(p.par_chunks(block).zip(g.par_chunks(block)))
-            .for_each(|(dx, (p, g))| {
-                simd(|| {
-                    for ((p, g), d) in p
-                        .chunks_exact(keys)
-                        .zip(g.chunks_exact(keys))
-                        .zip(dx.chunks_exact_mut(keys))
-                    {
-                        let dot = vmath::dot(p, g);
-                        for ((d, &p), &g) in d.iter_mut().zip(p).zip(g) {
-                            *d = self.scale * p * (g - dot);
-                        }
-                    }
-                })
-            });
+            .for_each(|(dx, (p, g))| softmax_backward_rows(dx, p, g, keys, self.scale));
         Ok((CpuStorage::F32(dx), pl.shape().clone()))
     }
 

@@ -1,13 +1,43 @@
-//! Vectorised f32 math for the CPU ops. The functions are branch-free so that loops over them
-//! compile to SIMD; [`simd`] runs a closure compiled for the best instruction set the CPU has
-//! (AVX-512, AVX2+FMA, or the baseline), chosen at run time. Calling libm's `expf` once per element
-//! was a tenth of a BERT forward on the CPU (softmax and GELU).
+//! Vectorised f32 math for the CPU ops. The functions are branch-free and `#[inline(always)]`,
+//! so loops over them compile to SIMD inside a [`simd_kernel!`], which builds its body for AVX-512
+//! and for AVX2+FMA besides the baseline and picks one at run time. Calling libm's `expf` once per
+//! element was a tenth of a BERT forward on the CPU (softmax and GELU).
 
-/// Runs `f` compiled for the best instruction set available (the closure and everything it inlines).
-#[inline(always)]
-pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(f)
+/// Defines `fn name(args) -> ret { body }` compiled three times (AVX-512, AVX2+FMA, baseline
+/// x86-64) with the best one the CPU supports chosen on each call (the detection is cached by std).
+/// Everything the body calls must be `#[inline(always)]` to be compiled for the chosen set.
+macro_rules! simd_kernel {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn kernel($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above, for `avx2`.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
+        }
+    };
 }
+pub(crate) use simd_kernel;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in a part exact in few bits and the rest (Cody–Waite), so `x - n·ln2` loses nothing.
@@ -155,7 +185,7 @@ mod tests {
         let mut x = -87.0f32;
         while x <= 88.0 {
             let want = (x as f64).exp();
-            let got = simd(|| exp(x)) as f64;
+            let got = exp(x) as f64;
             worst = worst.max(((got - want) / want).abs());
             x += 0.001_7;
         }
