@@ -17,6 +17,8 @@ use peft_train::tasks::token_classification::TokenClassification;
 use peft_train::{ScheduleConfig, Trainer, TrainerConfig};
 
 fn main() -> anyhow::Result<()> {
+    // Reuse freed activation buffers instead of page-faulting fresh ones every step.
+    peft_core::device::keep_freed_cpu_buffers();
     let limit: usize = std::env::args().nth(1).map_or(Ok(500), |s| s.parse())?;
     let data = Path::new("assets/data/conll2003");
     // The base model: a Hugging Face id (from the hub cache) or a local folder.

@@ -80,3 +80,18 @@ pub fn keep_freed_cpu_buffers() -> bool {
         false
     }
 }
+
+/// Hands the freed CPU buffers that [`keep_freed_cpu_buffers`] keeps back to the kernel (glibc's
+/// `malloc_trim`), so that a measurement of peak memory that starts after this counts only what
+/// follows. Returns whether any memory was released.
+pub fn release_freed_cpu_buffers() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

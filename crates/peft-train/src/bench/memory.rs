@@ -14,6 +14,8 @@ impl PeakMeter {
     pub fn start(device: &Device) -> Self {
         match device {
             Device::Cpu => {
+                // Earlier cases' freed buffers, kept by the allocator, would count as this case's.
+                peft_core::device::release_freed_cpu_buffers();
                 // "5" resets the peak RSS (VmHWM) to the current RSS (Linux ≥ 4.0).
                 let _ = std::fs::write("/proc/self/clear_refs", "5");
             }
