@@ -43,22 +43,6 @@ pub fn parse_dtype(name: &str) -> Result<candle_core::DType> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_cpu_and_refuses_nonsense() {
-        assert!(parse_device("cpu").unwrap().is_cpu());
-        let err = parse_device("tpu").unwrap_err().to_string();
-        assert!(err.contains("model.device") && err.contains("tpu"), "{err}");
-        assert!(parse_device("cuda:x").is_err());
-        assert_eq!(parse_dtype("bf16").unwrap(), candle_core::DType::BF16);
-        let err = parse_dtype("fp8").unwrap_err().to_string();
-        assert!(err.contains("model.dtype") && err.contains("fp8"), "{err}");
-    }
-}
-
 /// Makes the C allocator keep freed CPU buffers for reuse instead of handing them back to the
 /// kernel: glibc serves blocks above 128 KiB (every activation) from fresh `mmap`s by default,
 /// and each step then pays a page fault and a zero-fill per 4 KiB of every tensor it creates.
@@ -93,5 +77,21 @@ pub fn release_freed_cpu_buffers() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_refuses_nonsense() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("model.device") && err.contains("tpu"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
+        assert_eq!(parse_dtype("bf16").unwrap(), candle_core::DType::BF16);
+        let err = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(err.contains("model.dtype") && err.contains("fp8"), "{err}");
     }
 }

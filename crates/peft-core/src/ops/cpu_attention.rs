@@ -93,6 +93,9 @@ pub(super) fn forward(
     let (s, hidden) = (p.seq, p.hidden);
     let per_batch = s * hidden;
     let mut ctx = vec![0f32; p.batch * per_batch];
+    if ctx.is_empty() {
+        return Ok(ctx);
+    }
     ctx.par_chunks_mut(per_batch).enumerate().try_for_each(
         |(b, ctx)| -> candle_core::Result<()> {
             let rows = b * per_batch..(b + 1) * per_batch;
@@ -126,6 +129,9 @@ pub(super) fn backward(
     let per_batch = s * hidden;
     let total = p.batch * per_batch;
     let mut grads = vec![0f32; 3 * total];
+    if total == 0 {
+        return Ok(grads);
+    }
     let (dq, rest) = grads.split_at_mut(total);
     let (dk, dv) = rest.split_at_mut(total);
     dq.par_chunks_mut(per_batch)
@@ -206,7 +212,7 @@ mod tests {
         let (q, k, v) = (var(), var(), var());
         let mask: Vec<f32> = (0..batch * seq)
             .map(|i| match (i % seq, i / seq) {
-                (j, b) if j + b >= seq + 1 => f32::NEG_INFINITY,
+                (j, b) if j + b > seq => f32::NEG_INFINITY,
                 (j, b) if j + b == seq => f32::MIN,
                 _ => 0.0,
             })
@@ -259,5 +265,23 @@ mod tests {
     fn matches_the_composite_with_dropout() {
         check(3, 7, 2, Some((42, 0.9)));
         check(2, 37, 4, Some((0x9e37_79b9, 0.75)));
+    }
+
+    /// An empty batch or empty sequences give empty outputs and gradients, not a panic.
+    #[test]
+    fn empty_inputs_give_empty_outputs() {
+        for dims in [(0, 5, 16), (2, 0, 16)] {
+            let q = Var::zeros(dims, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let spec = AttentionSpec {
+                heads: 2,
+                scale: 0.25,
+                mask: None,
+                dropout: Some((1, 0.9)),
+            };
+            let ctx = attention(&q, &q, &q, &spec).unwrap();
+            assert_eq!(ctx.dims3().unwrap(), dims);
+            let grads = ctx.sum_all().unwrap().backward().unwrap();
+            assert_eq!(grads.get(q.as_tensor()).unwrap().dims3().unwrap(), dims);
+        }
     }
 }

@@ -84,6 +84,9 @@ impl CustomOp1 for MaskedSoftmax {
             None => None,
         };
         let mut out = vec![0f32; x.len()];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        }
         let block = keys * ROWS_PER_TASK;
         out.par_chunks_mut(block)
             .zip(x.par_chunks(block))
@@ -136,6 +139,9 @@ impl CustomOp2 for SoftmaxBackward {
         let g = contiguous_f32(gs, gl, self.name())?;
         let keys = pl.dims()[pl.dims().len() - 1];
         let mut dx = vec![0f32; p.len()];
+        if dx.is_empty() {
+            return Ok((CpuStorage::F32(dx), pl.shape().clone()));
+        }
         let block = keys * ROWS_PER_TASK;
         dx.par_chunks_mut(block)
             .zip(p.par_chunks(block).zip(g.par_chunks(block)))

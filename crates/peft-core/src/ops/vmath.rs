@@ -61,7 +61,7 @@ pub(crate) fn exp(x: f32) -> f32 {
         * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1)
+        + 0.5)
         * z
         + r
         + 1.0;
@@ -78,7 +78,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// erf(x) = x·Σ c_k·x^(2k) for |x| < 1 (its Maclaurin series, c_k = 2/√π·(−1)^k / (k!·(2k+1)),
 /// truncated where the next term is below 1e-10).
 const ERF_SERIES: [f32; 12] = [
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
     -3.761_263_9e-1,
     1.128_379_2e-1,
     -2.686_617e-2,
