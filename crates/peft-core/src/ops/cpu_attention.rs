@@ -10,6 +10,22 @@ use super::dropout::dropout_block;
 use super::gemm::{gemm_into, MatMut, MatRef};
 use super::softmax::{softmax_backward_rows, softmax_rows, RowMask};
 
+/// `dst = lhs · rhs` on the calling thread: the products of one batch element run inside a task
+/// that is already one of several in parallel.
+fn product(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>) -> candle_core::Result<()> {
+    gemm_into(dst, lhs, rhs, 1.0, false, false)
+}
+
+/// A contiguous `s × s` score matrix.
+fn square(data: &mut [f32], s: usize) -> MatMut<'_> {
+    MatMut {
+        data,
+        rows: s,
+        cols: s,
+        row_stride: s,
+    }
+}
+
 /// The settings of one call, and the shapes: `seq` queries and keys of `hidden = heads · head_dim`.
 #[derive(Clone, Copy)]
 pub(super) struct Params<'a> {
@@ -59,13 +75,7 @@ impl Params<'_> {
         probs: &mut [f32],
     ) -> candle_core::Result<()> {
         let s = self.seq;
-        let dst = MatMut {
-            data: scores,
-            rows: s,
-            cols: s,
-            row_stride: s,
-        };
-        gemm_into(dst, self.head(q, h), self.head(k, h).t(), 1.0, false, false)?;
+        product(square(scores, s), self.head(q, h), self.head(k, h).t())?;
         let rows = RowMask {
             mask: self.mask.map(|m| &m[b * s..(b + 1) * s]),
             keys: s,
@@ -109,7 +119,7 @@ pub(super) fn forward(
                     std::mem::swap(&mut scores, &mut probs);
                 }
                 let probs = MatRef::new(&probs, s, s);
-                gemm_into(p.head_mut(ctx, h), probs, p.head(v, h), 1.0, false, false)?;
+                product(p.head_mut(ctx, h), probs, p.head(v, h))?;
             }
             Ok(())
         },
@@ -160,21 +170,8 @@ pub(super) fn backward(
                     None => &probs,
                 };
                 let dropped = MatRef::new(dropped, s, s);
-                gemm_into(
-                    p.head_mut(dv, h),
-                    dropped.t(),
-                    p.head(g, h),
-                    1.0,
-                    false,
-                    false,
-                )?;
-                let dst = MatMut {
-                    data: &mut dprobs,
-                    rows: s,
-                    cols: s,
-                    row_stride: s,
-                };
-                gemm_into(dst, p.head(g, h), p.head(v, h).t(), 1.0, false, false)?;
+                product(p.head_mut(dv, h), dropped.t(), p.head(g, h))?;
+                product(square(&mut dprobs, s), p.head(g, h), p.head(v, h).t())?;
                 if let Some((seed, keep)) = p.dropout {
                     dropout_block(&mut scores, &dprobs, seed, p.first_prob(b, h), keep);
                     std::mem::swap(&mut scores, &mut dprobs);
@@ -182,15 +179,8 @@ pub(super) fn backward(
                 // d(scores) before the scale, with the scale folded in: scale·P⊙(dP − Σ dP⊙P).
                 softmax_backward_rows(&mut scores, &probs, &dprobs, s, p.scale);
                 let dscores = MatRef::new(&scores, s, s);
-                gemm_into(p.head_mut(dq, h), dscores, p.head(k, h), 1.0, false, false)?;
-                gemm_into(
-                    p.head_mut(dk, h),
-                    dscores.t(),
-                    p.head(q, h),
-                    1.0,
-                    false,
-                    false,
-                )?;
+                product(p.head_mut(dq, h), dscores, p.head(k, h))?;
+                product(p.head_mut(dk, h), dscores.t(), p.head(q, h))?;
             }
             Ok(())
         })?;
@@ -201,7 +191,7 @@ pub(super) fn backward(
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    use crate::ops::{attention, attention_reference, AttentionSpec};
+    use crate::ops::{attention, attention_reference, max_abs_diff, AttentionSpec};
 
     /// The fused CPU op against the composite: the context and the gradients of q, k and v
     /// within 1e-5, with a padding mask (−∞ and f32::MIN keys) and with dropout.
@@ -236,21 +226,11 @@ mod tests {
             (ctx, [grad(&q), grad(&k), grad(&v)])
         };
         let ((ours, our_grads), (reference, ref_grads)) = (run(true), run(false));
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         let case = format!("batch {batch}, seq {seq}, heads {heads}, dropout {dropout:?}");
-        let d = max_diff(&ours, &reference);
+        let d = max_abs_diff(&ours, &reference);
         assert!(d < 1e-5, "{case}: context differs by {d}");
         for (name, (a, b)) in ["q", "k", "v"].iter().zip(our_grads.iter().zip(&ref_grads)) {
-            let d = max_diff(a, b);
+            let d = max_abs_diff(a, b);
             assert!(d < 1e-5, "{case}: gradient of {name} differs by {d}");
         }
     }

@@ -299,14 +299,8 @@ pub fn lora_linear_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::dropout_mask;
+    use crate::ops::{dropout_mask, max_abs_diff};
     use candle_core::{DType, Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-            .expect("same shapes")
-    }
 
     /// Values and all three gradients of the fused op against the reference, with and without a
     /// dropout mask and a bias, at odd sizes.
@@ -334,7 +328,7 @@ mod tests {
             let ours = lora_linear(x.as_tensor(), &w, bias, &branch)?;
             let reference = lora_linear_reference(x.as_tensor(), &w, bias, &branch)?;
             assert!(
-                max_diff(&ours, &reference) < 1e-4,
+                max_abs_diff(&ours, &reference) < 1e-4,
                 "forward ({rows},{k},{n},{r})"
             );
             // A loss that weights every output differently, so every gradient entry is exercised.
@@ -346,7 +340,7 @@ mod tests {
                 ("A", a.as_tensor()),
                 ("B", b.as_tensor()),
             ] {
-                let d = max_diff(g_ours.get(v).expect("grad"), g_ref.get(v).expect("grad"));
+                let d = max_abs_diff(g_ours.get(v).expect("grad"), g_ref.get(v).expect("grad"));
                 assert!(d < 1e-4, "d{name} differs by {d} at ({rows},{k},{n},{r})");
             }
             assert!(
@@ -378,11 +372,11 @@ mod tests {
         let y = lora_linear(x.as_tensor(), &w, None, &branch)?;
         assert_eq!(y.dims(), [2, 3, 5]);
         let reference = lora_linear_reference(x.as_tensor(), &w, None, &branch)?;
-        assert!(max_diff(&y, &reference) < 1e-5);
+        assert!(max_abs_diff(&y, &reference) < 1e-5);
         let g = y.sqr()?.sum_all()?.backward()?;
         let r = reference.sqr()?.sum_all()?.backward()?;
         for v in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
-            assert!(max_diff(g.get(v).expect("grad"), r.get(v).expect("grad")) < 1e-4);
+            assert!(max_abs_diff(g.get(v).expect("grad"), r.get(v).expect("grad")) < 1e-4);
         }
         Ok(())
     }

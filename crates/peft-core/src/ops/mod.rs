@@ -35,6 +35,14 @@ pub use lora_linear::{lora_linear, lora_linear_reference, LoraBranch};
 pub use multi_lora::{multi_lora_linear, multi_lora_linear_reference, LoraStack, NO_ADAPTER};
 pub use softmax::masked_softmax;
 
+/// The largest absolute difference between two tensors of the same shape (the ops' tests).
+#[cfg(test)]
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("same shapes")
+}
+
 /// The f32 values of a contiguous CPU tensor, or an error naming `op`.
 fn contiguous_f32<'a>(
     s: &'a candle_core::CpuStorage,
