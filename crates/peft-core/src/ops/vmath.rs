@@ -54,7 +54,11 @@ const EXP_HI: f32 = 88.0;
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     let xc = x.clamp(EXP_LO, EXP_HI);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    // `shifted` holds n in its low mantissa bits: bits(ROUND + n) = bits(ROUND) + n for |n| < 2²².
+    // Reading n from there keeps the loop in vector integer ops; `n as i32` is a saturating cast
+    // that LLVM compiles to scalar conversions with NaN checks, element by element.
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let z = r * r;
     let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
@@ -65,7 +69,8 @@ pub(crate) fn exp(x: f32) -> f32 {
         * z
         + r
         + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_int.wrapping_add(127) << 23);
     let y = p * two_n;
     let y = if x < EXP_LO { 0.0 } else { y };
     if x.is_nan() {
