@@ -6,10 +6,13 @@
 #
 #   benches/compare/cpu_compare.sh                  # REPS=2 MODELS="minilm bert-base" STEPS=5
 #   REPS=1 MODELS=minilm STEPS=3 benches/compare/cpu_compare.sh
+#   PRECISION=bf16 benches/compare/cpu_compare.sh   # products with frozen weights in bf16 on AMX on
+#                                                   # both sides (results/cpu-bf16)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-OUT="${OUT:-benches/compare/results/cpu}"
+PRECISION="${PRECISION:-f32}"
+if [ "$PRECISION" = f32 ]; then OUT="${OUT:-benches/compare/results/cpu}"; else OUT="${OUT:-benches/compare/results/cpu-$PRECISION}"; fi
 THREADS="${THREADS:-2}"
 STEPS="${STEPS:-5}"
 WARMUP="${WARMUP:-1}"
@@ -18,16 +21,16 @@ MODELS="${MODELS:-minilm bert-base}"
 mkdir -p "$OUT"
 cargo build --release -p peft-cli
 scripts/python-env.sh >/dev/null
-echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS"
+echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS, matmul precision $PRECISION"
 for rep in $(seq 1 "$REPS"); do
   for model in $MODELS; do
     echo "== rep $rep $model: peft-rs"
     RAYON_NUM_THREADS="$THREADS" ./target/release/peft-rs bench --model "$model" --batch 16 --seqs 128 \
-      --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/rep$rep-$model-rust.json"
+      --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" --out "$OUT/rep$rep-$model-rust.json"
     echo "== rep $rep $model: Python peft"
     OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" .venv-py/bin/python \
       benches/compare/peft_gpu_bench.py --device cpu --dtype f32 --model "$model" --threads "$THREADS" \
-      --batch 16 --seqs 128 --cases train,infer --steps "$STEPS" --warmup "$WARMUP" \
+      --batch 16 --seqs 128 --cases train,infer --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" \
       --out "$OUT/rep$rep-$model-python.json"
   done
 done

@@ -357,6 +357,9 @@ def main() -> None:
     ap.add_argument("--methods", default=None,
                     help="comma list restricting train methods / infer variants (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--matmul-precision", choices=["f32", "bf16"], default="f32",
+                    help="CPU: bf16 sets torch.backends.mkldnn.matmul.fp32_precision = 'bf16' (oneDNN runs f32 "
+                         "matmuls with bf16 operands on AMX), as peft-rs bench --matmul-precision bf16")
     ap.add_argument("--out", type=Path, default=REPO / "benches/compare/results/peft_gpu_bench.json")
     args = ap.parse_args()
 
@@ -364,6 +367,8 @@ def main() -> None:
         args.model = "tiny" if args.small else "bert-base"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.matmul_precision == "bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     wanted = set(m.strip() for m in args.methods.split(",")) if args.methods else None
     kinds = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = set(kinds) - {"train", "infer", "linear"}
@@ -382,7 +387,8 @@ def main() -> None:
         tool="python-peft",
         env=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                  device_name=device_name(device), cuda=torch.version.cuda, dtype=args.dtype,
-                 model=args.model, threads=torch.get_num_threads()),
+                 model=args.model, threads=torch.get_num_threads(),
+                 matmul_precision=args.matmul_precision),
         cases=[],
     )
     print(f"# torch {torch.__version__} (cuda {torch.version.cuda}), transformers {transformers.__version__}, "

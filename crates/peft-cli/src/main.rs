@@ -88,6 +88,9 @@ enum Command {
         /// f32, or bf16 (frozen weights and activations; trainable weights stay f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// f32, or bf16: products with frozen weights on AMX tiles (bf16 operands, f32 sums).
+        #[arg(long, default_value = "f32")]
+        matmul_precision: String,
         /// Sequences per batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
             methods,
             device,
             dtype,
+            matmul_precision,
             batch,
             seqs,
             steps,
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
             methods: &methods,
             device: &device,
             dtype: &dtype,
+            matmul_precision: &matmul_precision,
             batch,
             seqs: &seqs,
             steps,

@@ -46,6 +46,10 @@ pub struct ModelSection {
     /// `f32`, or `bf16`: frozen weights and activations in bf16, trainable weights in f32.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// `f32`, or `bf16`: products with frozen weights take bf16 operands and sum in f32 on
+    /// the CPU's AMX tiles (f32 where the CPU has none); trainable weights stay f32.
+    #[serde(default = "default_matmul_precision")]
+    pub matmul_precision: String,
     /// The architecture of a checkpoint file (`mobilenet_v2`, `resnet50`, ...).
     #[serde(default)]
     pub architecture: Option<String>,
@@ -55,6 +59,10 @@ pub struct ModelSection {
 }
 
 fn default_dtype() -> String {
+    "f32".into()
+}
+
+fn default_matmul_precision() -> String {
     "f32".into()
 }
 

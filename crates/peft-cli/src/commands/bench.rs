@@ -18,6 +18,7 @@ pub struct BenchArgs<'a> {
     pub methods: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,
+    pub matmul_precision: &'a str,
     pub batch: usize,
     pub seqs: &'a str,
     pub steps: usize,
@@ -65,6 +66,7 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         "bf16" => DType::BF16,
         other => bail!("--dtype: `{other}` is not f32 or bf16"),
     };
+    let precision = super::apply_matmul_precision(args.matmul_precision, "--matmul-precision")?;
     let settings = BenchSettings {
         model: ModelShape::parse(args.model)?,
         device: device.clone(),
@@ -89,11 +91,12 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         .map(|m| Method::parse(m.trim()))
         .collect::<std::result::Result<_, _>>()?;
     println!(
-        "# peft-rs {} bench: model {} on {} ({}), batch {}, seqs {:?}, warmup {}, steps {}, {} threads",
+        "# peft-rs {} bench: model {} on {} ({}, frozen matmuls {}), batch {}, seqs {:?}, warmup {}, steps {}, {} threads",
         env!("CARGO_PKG_VERSION"),
         args.model,
         args.device,
         args.dtype,
+        precision,
         args.batch,
         seqs,
         args.warmup,
@@ -110,6 +113,7 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
                     "version": env!("CARGO_PKG_VERSION"),
                     "device": args.device,
                     "dtype": args.dtype,
+                    "frozen_matmul": precision,
                     "model": args.model,
                     "threads": rayon_threads(),
                     "cuda_feature": cfg!(feature = "cuda"),

@@ -28,6 +28,9 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     }
     let device = parse_device(&recipe.model.device)?;
     let dtype = parse_dtype(&recipe.model.dtype)?;
+    let precision =
+        super::apply_matmul_precision(&recipe.model.matmul_precision, "model.matmul_precision")?;
+    tracing::info!("products with frozen weights: {precision}");
     let files = resolve_model(&recipe.model.name)?;
     let options = AlignOptions {
         label_all_subtokens: recipe.task.label_all_subtokens,

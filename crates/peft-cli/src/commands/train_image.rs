@@ -49,6 +49,9 @@ pub fn run(
     started: Instant,
 ) -> Result<()> {
     let device = parse_device(&recipe.model.device)?;
+    let precision =
+        super::apply_matmul_precision(&recipe.model.matmul_precision, "model.matmul_precision")?;
+    tracing::info!("products with frozen weights: {precision}");
     let images = recipe.images.as_ref().context("[images]")?;
     let seed = recipe.train.seed;
     let splits = images.splits(seed)?;

@@ -6,7 +6,7 @@
 //! taking them as arguments: autograd sees a function of `x` alone.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 struct FrozenLinear {
     weight: Tensor,
@@ -36,13 +36,8 @@ pub(super) fn cpu_linear(
     bias: Option<&Tensor>,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
-    let (m, k, x2_l) = super::as_rows(x_l)?;
-    let n = weight.dims()[0];
-    let (w_storage, w_l) = weight.storage_and_layout();
-    let Storage::Cpu(w) = &*w_storage else {
-        candle_core::bail!("{op}: weight is not on the CPU")
-    };
-    let mut out = x.matmul(w, (1, m, n, k), &x2_l, &w_l.transpose(0, 1)?)?;
+    let (_, _, x2_l) = super::as_rows(x_l)?;
+    let mut out = super::frozen_gemm::times_weight_t(x, &x2_l, weight, op)?;
     if let Some(bias) = bias {
         let bias = bias.to_dtype(out.dtype())?.to_vec1_any()?;
         match (&mut out, bias) {
@@ -78,7 +73,32 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let n = self.out_features();
         let g = grad.reshape((grad.elem_count() / n, n))?;
-        Ok(Some(g.matmul(&self.weight)?.reshape(x.shape())?))
+        let dx = if g.device().is_cpu() {
+            let op = FrozenInputGrad {
+                weight: self.weight.clone(),
+            };
+            g.contiguous()?.apply_op1_no_bwd(&op)?
+        } else {
+            g.matmul(&self.weight)?
+        };
+        dx.reshape(x.shape()).map(Some)
+    }
+}
+
+/// `g·W` on the CPU: the input gradient of a frozen linear, at the frozen matmul precision.
+struct FrozenInputGrad {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenInputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear-backward"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dx = super::frozen_gemm::times_weight(g, g_l, &self.weight, self.name())?;
+        let (m, _) = g_l.shape().dims2()?;
+        Ok((dx, Shape::from((m, self.weight.dims()[1]))))
     }
 }
 

@@ -40,7 +40,7 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn fits(&self) -> bool {
+    pub(super) fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
             || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
@@ -58,7 +58,7 @@ pub(crate) struct MatMut<'a> {
 }
 
 impl MatMut<'_> {
-    fn fits(&self) -> bool {
+    pub(super) fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
             || (self.cols <= self.row_stride

@@ -169,14 +169,13 @@ impl CustomOp2 for LoraInputGrad {
         du: &CpuStorage,
         dul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = gl.shape().dims2()?;
+        let (m, _) = gl.shape().dims2()?;
         let (r, k) = self.a.dims2()?;
-        let (ws, wl) = self.weight.storage_and_layout();
         let (as_, al) = self.a.storage_and_layout();
-        let (Storage::Cpu(w), Storage::Cpu(a)) = (&*ws, &*as_) else {
+        let Storage::Cpu(a) = &*as_ else {
             candle_core::bail!("lora-linear-backward: an operand is not on the CPU")
         };
-        let mut dx = g.matmul(w, (1, m, k, n), gl, wl)?;
+        let mut dx = super::frozen_gemm::times_weight(g, gl, &self.weight, self.name())?;
         let CpuStorage::F32(dxv) = &mut dx else {
             candle_core::bail!("lora-linear-backward: only f32 is supported on the CPU")
         };

@@ -1,5 +1,6 @@
 //! Custom ops whose backward computes no gradient for frozen operands, with CPU fast paths.
 
+mod amx;
 mod attention;
 mod batch_norm;
 mod clamp_act;
@@ -10,6 +11,7 @@ mod cuda_attention;
 mod cuda_ops;
 mod depthwise;
 mod dropout;
+mod frozen_gemm;
 mod frozen_linear;
 mod gelu;
 mod gemm;
@@ -28,6 +30,7 @@ pub use clamp_act::clamp_activation;
 pub use cuda_ops::adamw as cuda_adamw;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use dropout::{apply_seeded_dropout, dropout_mask, Dropout, DropoutRng};
+pub use frozen_gemm::{frozen_matmul_precision, set_frozen_matmul_precision, MatmulPrecision};
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
