@@ -27,11 +27,23 @@ for rep in $(seq 1 "$REPS"); do
     echo "== rep $rep $model: peft-rs"
     RAYON_NUM_THREADS="$THREADS" ./target/release/peft-rs bench --model "$model" --batch 16 --seqs 128 \
       --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" --out "$OUT/rep$rep-$model-rust.json"
-    echo "== rep $rep $model: Python peft"
-    OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" .venv-py/bin/python \
-      benches/compare/peft_gpu_bench.py --device cpu --dtype f32 --model "$model" --threads "$THREADS" \
-      --batch 16 --seqs 128 --cases train,infer --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" \
-      --out "$OUT/rep$rep-$model-python.json"
+    echo "== rep $rep $model: Python peft, one process per case"
+    # One process per case: CPython's heap keeps what a case freed, so a case run after another
+    # would report the earlier case's memory in its peak RSS.
+    parts=()
+    for case in full lora-qv lora-all base lora-unmerged lora-merged; do
+      part="$OUT/.rep$rep-$model-python-$case.json"
+      OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" .venv-py/bin/python \
+        benches/compare/peft_gpu_bench.py --device cpu --dtype f32 --model "$model" --threads "$THREADS" \
+        --batch 16 --seqs 128 --cases train,infer --methods "$case" --steps "$STEPS" --warmup "$WARMUP" \
+        --matmul-precision "$PRECISION" --out "$part"
+      parts+=("$part")
+    done
+    python3 -c 'import json, sys
+docs = [json.load(open(p)) for p in sys.argv[2:]]
+merged = dict(docs[0], cases=[c for d in docs for c in d["cases"]])
+json.dump(merged, open(sys.argv[1], "w"), indent=2)' "$OUT/rep$rep-$model-python.json" "${parts[@]}"
+    rm -f "${parts[@]}"
   done
 done
 python3 benches/compare/cpu_table.py "$OUT" | tee "$OUT/table.md"

@@ -284,7 +284,10 @@ def infer_case(res: dict, args, device: torch.device, seq: int) -> None:
             diff = (before - after).abs().max().item()
         left = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
         assert not left, f"peft modules left after merge_and_unload: {left[:5]}"
-        assert diff <= 1e-3 * max(scale, 1.0), f"merged logits differ from unmerged by {diff} (max |logit| {scale})"
+        # bf16 products (autocast, or the bf16 matmul precision) round the merged weight once
+        # more than the two unmerged products: 8 significant bits instead of 24.
+        bound = (1e-3 if args.dtype == "f32" and args.matmul_precision == "f32" else 1e-2) * max(scale, 1.0)
+        assert diff <= bound, f"merged logits differ from unmerged by {diff} (max |logit| {scale})"
         print(f"# lora-merged seq{seq}: max |merged - unmerged| logits (f32) = {diff:.2e}", flush=True)
         del before, after
         free_memory(device)

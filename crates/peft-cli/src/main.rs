@@ -44,6 +44,9 @@ enum Command {
         /// Base model id or folder, instead of the one in adapter_config.json.
         #[arg(long)]
         base: Option<String>,
+        /// f32, or bf16: products with frozen weights on AMX tiles (bf16 operands, f32 sums).
+        #[arg(long, default_value = "f32")]
+        matmul_precision: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -58,6 +61,9 @@ enum Command {
         /// Base model id or folder, instead of the one in adapter_config.json.
         #[arg(long)]
         base: Option<String>,
+        /// f32, or bf16: products with frozen weights on AMX tiles (bf16 operands, f32 sums).
+        #[arg(long, default_value = "f32")]
+        matmul_precision: String,
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
@@ -149,13 +155,18 @@ fn main() -> ExitCode {
             data,
             base,
             json,
-        } => commands::eval::run(&adapter, &split, data.as_deref(), base.as_deref(), json),
+            matmul_precision,
+        } => commands::apply_matmul_precision(&matmul_precision, "--matmul-precision").and_then(
+            |_| commands::eval::run(&adapter, &split, data.as_deref(), base.as_deref(), json),
+        ),
         Command::Predict {
             adapter,
             text,
             base,
             json,
-        } => commands::predict::run(&adapter, &text, base.as_deref(), json),
+            matmul_precision,
+        } => commands::apply_matmul_precision(&matmul_precision, "--matmul-precision")
+            .and_then(|_| commands::predict::run(&adapter, &text, base.as_deref(), json)),
         Command::Inspect { adapter, json } => commands::inspect::run(&adapter, json),
         Command::Bench {
             suite,
