@@ -144,7 +144,7 @@ impl PackedB {
         let col_tiles = n.div_ceil(2 * TILE) * 2;
         let mut pairs = vec![0u32; col_tiles * k_blocks * BLOCK_PAIRS];
         pairs
-            .par_chunks_mut(k_blocks * BLOCK_PAIRS)
+            .par_chunks_mut((k_blocks * BLOCK_PAIRS).max(1))
             .enumerate()
             .for_each(|(j, out)| {
                 let first = j * TILE;
@@ -292,6 +292,14 @@ pub(crate) fn gemm_bf16(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.data.chunks_mut(dst.row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
     let kp = b.k_blocks * TILE_K;
     let row_stride = dst.row_stride;
     dst.data
@@ -387,28 +395,50 @@ mod tests {
             eprintln!("skipped: no AMX bf16 on this CPU");
             return;
         }
-        // Neither m, k nor n a multiple of the tiles; a transposed B; accumulation.
-        for &(m, k, n) in &[(1, 1, 1), (33, 47, 17), (70, 96, 64), (32, 32, 33)] {
+        // Neither m, k nor n a multiple of the tiles, an empty k, more rows than one task; a
+        // transposed B; accumulation.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (33, 47, 17),
+            (70, 96, 64),
+            (32, 32, 33),
+            (3, 0, 5),
+            (130, 64, 40),
+        ] {
             let a = values(m * k, 1);
             let bt = values(n * k, 2); // B stored transposed, as a weight (n × k)
             let b: Vec<f32> = (0..k * n).map(|i| bt[(i % n) * k + i / n]).collect();
             let want = reference(&a, &b, m, k, n);
-            let packed = PackedB::pack(MatRef::new(&bt, n, k).t());
-            let mut got = vec![1f32; m * n];
-            let dst = MatMut {
-                data: &mut got,
-                rows: m,
-                cols: n,
-                row_stride: n,
-            };
-            gemm_bf16(dst, MatRef::new(&a, m, k), &packed, true).unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                // f32 summation of k exact products of magnitude ≤ 0.25.
-                assert!(
-                    (*g as f64 - (w + 1.0)).abs() < 1e-5,
-                    "{m}×{k}×{n}: {g} vs {}",
-                    w + 1.0
-                );
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            // B read along k (a weight seen transposed) and along n (a row-major B); A
+            // contiguous and transposed (the strided conversion).
+            let cases = [
+                (
+                    PackedB::pack(MatRef::new(&bt, n, k).t()),
+                    MatRef::new(&a, m, k),
+                ),
+                (
+                    PackedB::pack(MatRef::new(&b, k, n)),
+                    MatRef::new(&at, k, m).t(),
+                ),
+            ];
+            for (packed, lhs) in &cases {
+                let mut got = vec![1f32; m * n];
+                let dst = MatMut {
+                    data: &mut got,
+                    rows: m,
+                    cols: n,
+                    row_stride: n,
+                };
+                gemm_bf16(dst, *lhs, packed, true).unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    // f32 summation of k exact products of magnitude ≤ 0.25.
+                    assert!(
+                        (*g as f64 - (w + 1.0)).abs() < 1e-5,
+                        "{m}×{k}×{n}: {g} vs {}",
+                        w + 1.0
+                    );
+                }
             }
         }
     }
