@@ -24,6 +24,15 @@ pub enum BatchNormMode {
     Frozen,
 }
 
+/// A BatchNorm's running statistics and batch count at one moment
+/// ([`BatchNorm2d::running_state`]).
+#[derive(Clone, Debug)]
+pub struct RunningState {
+    mean: Tensor,
+    var: Tensor,
+    tracked: u64,
+}
+
 /// A 2-D BatchNorm at a known module path: gain and shift (frozen tensors or trainable `Var`s by
 /// plan) and running statistics.
 #[derive(Debug)]
@@ -112,6 +121,24 @@ impl BatchNorm2d {
         *self.running.write().unwrap_or_else(|e| e.into_inner()) =
             (mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?);
         Ok(())
+    }
+
+    /// The running statistics and batch count as they are now. Cheap: training replaces the
+    /// statistics' tensors rather than writing into them, so the state keeps its own.
+    pub fn running_state(&self) -> RunningState {
+        let (mean, var) = self.running_stats();
+        RunningState {
+            mean,
+            var,
+            tracked: self.tracked_batches(),
+        }
+    }
+
+    /// Puts back a state taken with [`Self::running_state`] (the best epoch's, after training).
+    pub fn restore_running_state(&self, state: &RunningState) {
+        *self.running.write().unwrap_or_else(|e| e.into_inner()) =
+            (state.mean.clone(), state.var.clone());
+        self.tracked.store(state.tracked, Ordering::Relaxed);
     }
 
     /// The per-channel `(scale, shift)` of evaluation: `w/√(var + ε)` and `b − mean·scale`.

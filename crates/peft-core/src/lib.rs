@@ -28,7 +28,7 @@ mod switch;
 mod target;
 mod weights;
 
-pub use batch_norm::{BatchNorm2d, BatchNormMode};
+pub use batch_norm::{BatchNorm2d, BatchNormMode, RunningState};
 pub use builder::{ModelBuilder, TunedParts};
 pub use conv::{ConvGeometry, TunableConv2d};
 pub use embedding::TunableEmbedding;

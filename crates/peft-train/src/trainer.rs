@@ -3,11 +3,13 @@
 //! early stopping, a progress bar, JSON-lines metrics and a plot of the curves.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::{BatchNorm2d, RunningState};
 use serde::Serialize;
 
 use crate::clip::{clip_coef, grad_norm};
@@ -25,6 +27,11 @@ pub trait Task {
     fn loss(&self, batch: &[usize], train: bool) -> Result<(Tensor, usize)>;
     /// Scores the validation split.
     fn evaluate(&self) -> Result<Evaluation>;
+    /// BatchNorm layers whose running statistics training updates: the trainer keeps their
+    /// state with the best epoch's weights and restores both together.
+    fn batch_norms(&self) -> Vec<Arc<BatchNorm2d>> {
+        Vec::new()
+    }
 }
 
 /// The outcome of one evaluation.
@@ -139,6 +146,8 @@ impl Trainer {
         let mut records = Vec::new();
         let mut tracker = BestTracker::new(Mode::Max, c.early_stopping_patience);
         let (mut best, mut best_epoch, mut best_snapshot) = (None, 0, None);
+        let batch_norms = task.batch_norms();
+        let mut best_batch_norms: Vec<RunningState> = Vec::new();
         let start = Instant::now();
         let (mut step, mut train_tokens, mut train_secs, mut epochs_run) =
             (0usize, 0usize, 0f64, 0);
@@ -245,6 +254,7 @@ impl Trainer {
                 let snap = self.snapshot()?;
                 self.save_best(&snap)?;
                 best_snapshot = Some(snap);
+                best_batch_norms = batch_norms.iter().map(|bn| bn.running_state()).collect();
                 best = Some(eval);
                 best_epoch = epoch + 1;
             }
@@ -257,6 +267,9 @@ impl Trainer {
             for ((_, var), t) in self.params.iter().zip(snap) {
                 var.set(&t)
                     .map_err(|e| TrainError::candle("restoring the best weights", e))?;
+            }
+            for (bn, state) in batch_norms.iter().zip(&best_batch_norms) {
+                bn.restore_running_state(state);
             }
         }
         Ok(TrainSummary {

@@ -187,3 +187,79 @@ fn early_stopping_stops_and_restores_the_best_weights() {
         "the weights of epoch 2 are restored"
     );
 }
+
+/// The least-squares task plus a BatchNorm that sees each training batch, with scripted scores.
+struct WithBatchNorm {
+    inner: Scripted,
+    bn: std::sync::Arc<peft_core::BatchNorm2d>,
+    /// The running mean at each evaluation.
+    means: std::cell::RefCell<Vec<Vec<f32>>>,
+}
+
+impl Task for WithBatchNorm {
+    fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        self.inner.epoch_batches(epoch)
+    }
+    fn loss(&self, batch: &[usize], train: bool) -> peft_train::Result<(Tensor, usize)> {
+        // Four rows of two channels that differ per batch, so the statistics move every step.
+        let x = (self.inner.inner.x.clone() * (1.0 + batch.len() as f64)).unwrap();
+        self.bn.forward(&x, train).unwrap();
+        self.inner.loss(batch, train)
+    }
+    fn evaluate(&self) -> peft_train::Result<Evaluation> {
+        let (mean, _) = self.bn.running_stats();
+        self.means.borrow_mut().push(mean.to_vec1().unwrap());
+        self.inner.evaluate()
+    }
+    fn batch_norms(&self) -> Vec<std::sync::Arc<peft_core::BatchNorm2d>> {
+        vec![self.bn.clone()]
+    }
+}
+
+#[test]
+fn batch_norm_statistics_are_restored_with_the_best_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let bn = peft_core::BatchNorm2d::new(
+        "bn".into(),
+        Tensor::ones(2, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::ones(2, candle_core::DType::F32, &dev).unwrap(),
+        1e-5,
+        0.1,
+        peft_core::BatchNormMode::Update,
+    );
+    let task = WithBatchNorm {
+        inner: Scripted {
+            inner: LeastSquares::new(vec![vec![0, 1], vec![2, 3]]),
+            scores: vec![0.5, 0.9, 0.6],
+            seen: Default::default(),
+        },
+        bn: std::sync::Arc::new(bn),
+        means: Default::default(),
+    };
+    let trainer = Trainer::new(
+        config(dir.path(), 3, 0.1, 1, None),
+        vec![("w".into(), task.inner.inner.w.clone())],
+    )
+    .unwrap();
+    let summary = trainer.fit(&task).unwrap();
+    assert_eq!(summary.best_epoch, 2);
+    let means = task.means.borrow();
+    assert_ne!(
+        means[1], means[2],
+        "the statistics moved after the best epoch"
+    );
+    let (mean, _) = task.bn.running_stats();
+    assert_eq!(
+        mean.to_vec1::<f32>().unwrap(),
+        means[1],
+        "epoch 2's statistics are back"
+    );
+    assert_eq!(
+        task.bn.tracked_batches(),
+        4,
+        "two batches per epoch up to the best"
+    );
+}

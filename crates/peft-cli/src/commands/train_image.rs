@@ -96,14 +96,15 @@ pub fn run(
         valid_loader,
         classes.clone(),
         device.clone(),
-    );
+    )
+    .with_batch_norms(parts.registry.batch_norms());
     let trainer = Trainer::new(
         super::train::trainer_config(recipe, progress),
         parts.params.named_vars(),
     )?;
     let summary = trainer.fit(&task)?;
-    // The best epoch's weights are back in the parameters; its BatchNorm statistics are the
-    // last epoch's (they are not snapshotted), which is what the saved adapter carries.
+    // The best epoch's weights and BatchNorm statistics are back in the model: what the test
+    // pass scores and the saved adapter carries.
     let test_scores = match &splits.test {
         Some(test) => {
             let l = loader(test.clone(), recipe, Mode::Eval, EVAL_BATCH)?;

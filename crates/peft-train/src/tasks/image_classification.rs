@@ -1,9 +1,10 @@
 //! Image classification: batches from an [`ImageLoader`] (decoded and augmented by its workers
 //! while the model trains), mean cross-entropy, and accuracy with per-class detail.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor, D};
+use peft_core::{BatchNorm2d, BatchNormMode};
 use peft_data::image::{EpochIter, ImageBatch, ImageLoader};
 use peft_models::ImageClassifier;
 use serde::Serialize;
@@ -98,6 +99,8 @@ pub struct ImageClassification<'a> {
     device: Device,
     /// The epoch the trainer asked for last, and its batches as the loader's workers build them.
     current: Mutex<(u64, Option<EpochIter>)>,
+    /// The model's BatchNorms that update their statistics (kept with the best epoch).
+    batch_norms: Vec<Arc<BatchNorm2d>>,
 }
 
 impl<'a> ImageClassification<'a> {
@@ -116,7 +119,19 @@ impl<'a> ImageClassification<'a> {
             classes,
             device,
             current: Mutex::new((0, None)),
+            batch_norms: Vec::new(),
         }
+    }
+
+    /// The model's BatchNorm layers, whose running statistics the trainer then snapshots with
+    /// the best epoch's weights (those in [`BatchNormMode::Frozen`] are left out: they do not
+    /// change).
+    pub fn with_batch_norms(mut self, batch_norms: Vec<Arc<BatchNorm2d>>) -> Self {
+        self.batch_norms = batch_norms
+            .into_iter()
+            .filter(|bn| bn.mode() == BatchNormMode::Update)
+            .collect();
+        self
     }
 
     /// The next prepared batch of the current epoch; it must hold `indices` (the trainer's plan),
@@ -136,6 +151,10 @@ impl<'a> ImageClassification<'a> {
 }
 
 impl Task for ImageClassification<'_> {
+    fn batch_norms(&self) -> Vec<Arc<BatchNorm2d>> {
+        self.batch_norms.clone()
+    }
+
     fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         // A new epoch: drop the previous workers; the next `loss` starts this epoch's.
