@@ -272,7 +272,7 @@ unsafe fn panel_block(panel: &[u16], b: &PackedB, j: usize, out: &mut [f32; PANE
 /// rounded to bf16, summed in f32, in parallel over panels of 32 rows. Call only when
 /// [`available`].
 pub(crate) fn gemm_bf16(
-    dst: MatMut<'_>,
+    mut dst: MatMut<'_>,
     lhs: MatRef<'_>,
     b: &PackedB,
     accumulate: bool,
@@ -289,15 +289,7 @@ pub(crate) fn gemm_bf16(
     if !available() {
         candle_core::bail!("amx gemm: this CPU or kernel does not offer AMX bf16")
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.data.chunks_mut(dst.row_stride).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if dst.settle_empty_product(k, accumulate) {
         return Ok(());
     }
     let kp = b.k_blocks * TILE_K;

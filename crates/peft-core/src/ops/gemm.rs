@@ -58,6 +58,23 @@ pub(crate) struct MatMut<'a> {
 }
 
 impl MatMut<'_> {
+    /// Settles a product with nothing to write (`rows` or `cols` 0) or nothing to sum (`k` 0,
+    /// so `dst = 0` unless accumulating). Returns whether it was such a product.
+    pub(super) fn settle_empty_product(&mut self, k: usize, accumulate: bool) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        if k > 0 {
+            return false;
+        }
+        if !accumulate {
+            for row in self.data.chunks_mut(self.row_stride).take(self.rows) {
+                row[..self.cols].fill(0.0);
+            }
+        }
+        true
+    }
+
     pub(super) fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -89,7 +106,7 @@ pub(crate) fn gemm_accumulate(
 /// (`parallel = false`, for callers that run independent products in parallel themselves) or
 /// on all of rayon's threads.
 pub(crate) fn gemm_into(
-    dst: MatMut<'_>,
+    mut dst: MatMut<'_>,
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
     scale: f32,
@@ -111,15 +128,7 @@ pub(crate) fn gemm_into(
             dst.data.len()
         )
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.data.chunks_mut(dst.row_stride).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if dst.settle_empty_product(k, accumulate) {
         return Ok(());
     }
     let parallelism = if parallel {
