@@ -8,9 +8,13 @@
 //! column tiles padded to pairs and k to 32; each task converts 32 rows of A to bf16 and sweeps
 //! all column tiles with four accumulator tiles (32×32 of C).
 
+// Off x86-64 only the portable half (checks, packing) is compiled, and nothing calls into it.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use super::gemm::{MatMut, MatRef};
 use super::vmath::simd_kernel;
 use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
 use std::arch::asm;
 use std::sync::OnceLock;
 
@@ -188,6 +192,7 @@ impl PackedB {
 }
 
 /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -197,6 +202,7 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl TileConfig {
     fn all_full() -> Self {
         let mut cfg = Self {
@@ -220,6 +226,7 @@ impl TileConfig {
 /// # Safety
 /// The tile configuration must be loaded on this thread; `panel` must hold `PANEL` rows of
 /// `b.k_blocks·32` bf16 values; `out` 32×32 f32.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn panel_block(panel: &[u16], b: &PackedB, j: usize, out: &mut [f32; PANEL * PANEL]) {
     let a_stride = b.k_blocks * TILE_K * 2;
@@ -292,6 +299,20 @@ pub(crate) fn gemm_bf16(
     if dst.settle_empty_product(k, accumulate) {
         return Ok(());
     }
+    multiply_panels(dst, lhs, b, accumulate);
+    Ok(())
+}
+
+/// Tiles have no meaning off x86-64, where [`available`] is false and this is never reached.
+#[cfg(not(target_arch = "x86_64"))]
+fn multiply_panels(_: MatMut<'_>, _: MatRef<'_>, _: &PackedB, _: bool) {
+    unreachable!("AMX is x86-64 only")
+}
+
+/// The body of [`gemm_bf16`] for a checked, non-empty product on a CPU with AMX.
+#[cfg(target_arch = "x86_64")]
+fn multiply_panels(dst: MatMut<'_>, lhs: MatRef<'_>, b: &PackedB, accumulate: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, b.n);
     let kp = b.k_blocks * TILE_K;
     let row_stride = dst.row_stride;
     dst.data
@@ -340,7 +361,6 @@ pub(crate) fn gemm_bf16(
             // SAFETY: releases this thread's tile state configured above.
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
         });
-    Ok(())
 }
 
 #[cfg(test)]
