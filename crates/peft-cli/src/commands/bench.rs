@@ -149,8 +149,16 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
                 }
             }
             "kernels" => {
-                let mut found = kernels::op_checks(&device)?;
-                found.extend(kernels::step_checks(&device)?);
+                // The checks compare against f32 references on the CPU: run them with f32
+                // products whatever --matmul-precision says (the timings below follow it).
+                let asked = peft_core::ops::frozen_matmul_precision();
+                peft_core::ops::set_frozen_matmul_precision(peft_core::ops::MatmulPrecision::F32);
+                let checked = kernels::op_checks(&device).and_then(|mut found| {
+                    found.extend(kernels::step_checks(&device)?);
+                    Ok(found)
+                });
+                peft_core::ops::set_frozen_matmul_precision(asked);
+                let found = checked?;
                 for c in &found {
                     println!(
                         "check {:<44} {:<5} rel {:.2e} (bound {:.0e}) {}",
