@@ -5,8 +5,9 @@
 //! registers are used only between `ldtilecfg` and `tilerelease` inside [`gemm_bf16`]'s tasks.
 //!
 //! Layout: B is packed once per call into 1 KiB VNNI blocks (16 pairs of k × 16 columns × 2),
-//! column tiles padded to pairs and k to 32; each task converts 32 rows of A to bf16 and sweeps
-//! all column tiles with four accumulator tiles (32×32 of C).
+//! column tiles padded to pairs and k to 32; each task converts 128 rows of A to bf16 and sweeps
+//! all column tiles, two at a time, over its four 32-row panels with four accumulator tiles
+//! (32×32 of C).
 
 // Off x86-64 only the portable half (checks, packing) is compiled, and nothing calls into it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -94,6 +95,12 @@ pub(crate) struct PackedB {
 /// k-pairs × columns in one block.
 const BLOCK_PAIRS: usize = TILE * TILE;
 
+/// Where k-pair `p` of column `c` (within its tile column) lies in a packed tile column.
+#[inline(always)]
+fn pair_index(p: usize, c: usize) -> usize {
+    (p / TILE) * BLOCK_PAIRS + (p % TILE) * TILE + c
+}
+
 /// Two bf16 values in one u32, `lo` in the low half (VNNI order).
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
@@ -106,7 +113,7 @@ simd_kernel! {
     fn pack_rows(out: &mut [u32], b: &[f32], row_stride: usize, k: usize, cols: usize) {
         for p in 0..k.div_ceil(2) {
             let lo = &b[2 * p * row_stride..][..cols];
-            let dst = &mut out[(p / TILE) * BLOCK_PAIRS + (p % TILE) * TILE..][..cols];
+            let dst = &mut out[pair_index(p, 0)..][..cols];
             if 2 * p + 1 < k {
                 let hi = &b[(2 * p + 1) * row_stride..][..cols];
                 for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
@@ -129,11 +136,10 @@ simd_kernel! {
             let col = &b[c * col_stride..][..k];
             let (even, tail) = col.split_at(k - k % 2);
             for (p, two) in even.chunks_exact(2).enumerate() {
-                out[(p / TILE) * BLOCK_PAIRS + (p % TILE) * TILE + c] = pair(two[0], two[1]);
+                out[pair_index(p, c)] = pair(two[0], two[1]);
             }
             if let Some(&last) = tail.first() {
-                let p = k / 2;
-                out[(p / TILE) * BLOCK_PAIRS + (p % TILE) * TILE + c] = pair(last, 0.0);
+                out[pair_index(k / 2, c)] = pair(last, 0.0);
             }
         }
     }
@@ -171,8 +177,7 @@ impl PackedB {
                                     0.0
                                 }
                             };
-                            out[(p / TILE) * BLOCK_PAIRS + (p % TILE) * TILE + c] =
-                                pair(at(2 * p), at(2 * p + 1));
+                            out[pair_index(p, c)] = pair(at(2 * p), at(2 * p + 1));
                         }
                     }
                 }
@@ -276,7 +281,7 @@ unsafe fn panel_block(panel: &[u16], b: &PackedB, j: usize, out: &mut [f32; PANE
 }
 
 /// `dst = lhs·B` (or `dst += …` when `accumulate`) with `lhs` (`m × k`, any strides) and B
-/// rounded to bf16, summed in f32, in parallel over panels of 32 rows. Call only when
+/// rounded to bf16, summed in f32, in parallel over tasks of 128 rows. Call only when
 /// [`available`].
 pub(crate) fn gemm_bf16(
     mut dst: MatMut<'_>,

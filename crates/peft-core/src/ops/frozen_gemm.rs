@@ -90,18 +90,7 @@ pub(super) fn times_weight_t(
     weight: &Tensor,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
-    let (m, k) = x_l.shape().dims2()?;
-    let n = weight.dims()[0];
-    if matches!(x, CpuStorage::F32(_)) && x_l.is_contiguous() && on_amx(weight) {
-        let (storage, layout) = weight.storage_and_layout();
-        let w = cpu_f32(&storage, layout, op)?;
-        return amx_product(x, x_l, MatRef::new(w, n, k).t(), op);
-    }
-    let (w_storage, w_l) = weight.storage_and_layout();
-    let Storage::Cpu(w) = &*w_storage else {
-        candle_core::bail!("{op}: weight is not on the CPU")
-    };
-    x.matmul(w, (1, m, n, k), x_l, &w_l.transpose(0, 1)?)
+    times(x, x_l, weight, true, op)
 }
 
 /// `g·W` for `g` (`m × n`, the 2-D layout `g_l`) and `weight` (`n × k`): `m × k`.
@@ -111,18 +100,32 @@ pub(super) fn times_weight(
     weight: &Tensor,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
-    let (m, n) = g_l.shape().dims2()?;
-    let k = weight.dims()[1];
-    if matches!(g, CpuStorage::F32(_)) && g_l.is_contiguous() && on_amx(weight) {
-        let (storage, layout) = weight.storage_and_layout();
-        let w = cpu_f32(&storage, layout, op)?;
-        return amx_product(g, g_l, MatRef::new(w, n, k), op);
-    }
+    times(g, g_l, weight, false, op)
+}
+
+/// `lhs·Wᵀ` (`transpose`) or `lhs·W` for `lhs` (`m × inner`, the 2-D layout `lhs_l`).
+fn times(
+    lhs: &CpuStorage,
+    lhs_l: &Layout,
+    weight: &Tensor,
+    transpose: bool,
+    op: &str,
+) -> candle_core::Result<CpuStorage> {
+    let (m, inner) = lhs_l.shape().dims2()?;
+    let (rows, cols) = weight.dims2()?;
     let (w_storage, w_l) = weight.storage_and_layout();
+    if matches!(lhs, CpuStorage::F32(_)) && lhs_l.is_contiguous() && on_amx(weight) {
+        let w = MatRef::new(cpu_f32(&w_storage, w_l, op)?, rows, cols);
+        return amx_product(lhs, lhs_l, if transpose { w.t() } else { w }, op);
+    }
     let Storage::Cpu(w) = &*w_storage else {
         candle_core::bail!("{op}: weight is not on the CPU")
     };
-    g.matmul(w, (1, m, k, n), g_l, w_l)
+    if transpose {
+        lhs.matmul(w, (1, m, rows, inner), lhs_l, &w_l.transpose(0, 1)?)
+    } else {
+        lhs.matmul(w, (1, m, cols, inner), lhs_l, w_l)
+    }
 }
 
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
