@@ -181,21 +181,9 @@ impl BaseLinear<'_> {
                 None => y,
             });
         }
-        // A trainable base: plain ops, cast to the activations' dtype so that mixed precision
-        // keeps f32 master weights.
-        let dims = x.dims().to_vec();
-        let in_features = *dims.last().unwrap_or(&0);
-        let x2 = x.reshape((x.elem_count() / in_features.max(1), in_features))?;
-        let dtype = x2.dtype();
-        let mut y = x2.matmul(&self.weight.to_dtype(dtype)?.t()?)?;
-        if let Some(b) = bias {
-            y = y.broadcast_add(&b.to_dtype(dtype)?)?;
-        }
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        Ok(y.reshape(out_dims)?)
+        // A trainable base: one op with dx, dW and db (candle's ops, casting the weights to
+        // the activations' dtype, where it has no fused path: mixed precision keeps f32 masters).
+        Ok(crate::ops::trainable_linear(x, self.weight, bias)?)
     }
 }
 

@@ -115,7 +115,7 @@ fn times(
     let (rows, cols) = weight.dims2()?;
     let (w_storage, w_l) = weight.storage_and_layout();
     if matches!(lhs, CpuStorage::F32(_)) && lhs_l.is_contiguous() && on_amx(weight) {
-        let w = MatRef::new(cpu_f32(&w_storage, w_l, op)?, rows, cols);
+        let w = MatRef::new(super::cpu_f32(&w_storage, w_l, op)?, rows, cols);
         return amx_product(lhs, lhs_l, if transpose { w.t() } else { w }, op);
     }
     let Storage::Cpu(w) = &*w_storage else {
@@ -125,12 +125,5 @@ fn times(
         lhs.matmul(w, (1, m, rows, inner), lhs_l, &w_l.transpose(0, 1)?)
     } else {
         lhs.matmul(w, (1, m, cols, inner), lhs_l, w_l)
-    }
-}
-
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(c) => contiguous_f32(c, layout, op),
-        _ => candle_core::bail!("{op}: weight is not on the CPU"),
     }
 }

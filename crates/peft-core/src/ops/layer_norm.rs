@@ -1,9 +1,14 @@
-//! LayerNorm over the last dimension with a frozen affine (`gamma`, `beta`): a custom op whose
-//! backward gives `dx` alone, computed in one pass from the saved input. With trainable affine
-//! parameters, [`layer_norm`] falls back to composite candle ops, which give every gradient.
+//! LayerNorm over the last dimension as custom ops whose backward works from the saved input in
+//! one pass over the rows: with a frozen affine (`gamma`, `beta`) it gives `dx` alone, with a
+//! trainable one also `dγ = Σ dy·x̂` and `dβ = Σ dy`. Elsewhere (f64, half types on the CPU)
+//! [`layer_norm`] falls back to composite candle ops, which give every gradient.
 
 use super::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows per parallel task of the CPU loops.
+const ROWS_PER_TASK: usize = 64;
 
 struct FrozenLayerNorm {
     gamma: Tensor,
@@ -24,6 +29,76 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// `(x − mean)·rstd·γ + β` for every row of `x`.
+fn normalize_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let h = gamma.len();
+    let mut out = vec![0f32; x.len()];
+    x.par_chunks(ROWS_PER_TASK * h)
+        .zip(out.par_chunks_mut(ROWS_PER_TASK * h))
+        .for_each(|(rows, outs)| {
+            for (row, o) in rows.chunks_exact(h).zip(outs.chunks_exact_mut(h)) {
+                let (mean, rstd) = row_stats(row, eps);
+                for i in 0..h {
+                    o[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
+                }
+            }
+        });
+    out
+}
+
+/// `dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂))` with `g' = dy·γ`, for every row.
+fn input_grad_rows(x: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let h = gamma.len();
+    let mut dx = vec![0f32; x.len()];
+    x.par_chunks(ROWS_PER_TASK * h)
+        .zip(g.par_chunks(ROWS_PER_TASK * h))
+        .zip(dx.par_chunks_mut(ROWS_PER_TASK * h))
+        .for_each(|((rows, grads), drows)| {
+            let mut gg = vec![0f32; h];
+            for ((row, grow), drow) in rows
+                .chunks_exact(h)
+                .zip(grads.chunks_exact(h))
+                .zip(drows.chunks_exact_mut(h))
+            {
+                let (mean, rstd) = row_stats(row, eps);
+                let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
+                for i in 0..h {
+                    gg[i] = grow[i] * gamma[i];
+                    sum_gg += gg[i];
+                    sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
+                }
+                let (mean_gg, mean_gg_xhat) = (sum_gg / h as f32, sum_gg_xhat / h as f32);
+                for i in 0..h {
+                    let xhat = (row[i] - mean) * rstd;
+                    drow[i] = rstd * (gg[i] - mean_gg - xhat * mean_gg_xhat);
+                }
+            }
+        });
+    dx
+}
+
+/// `(dγ, dβ) = (Σ dy·x̂, Σ dy)` over the rows, `h` features each.
+fn affine_grads(x: &[f32], g: &[f32], h: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let zero = || (vec![0f32; h], vec![0f32; h]);
+    x.par_chunks(ROWS_PER_TASK * h)
+        .zip(g.par_chunks(ROWS_PER_TASK * h))
+        .fold(zero, |(mut dgamma, mut dbeta), (rows, grads)| {
+            for (row, grow) in rows.chunks_exact(h).zip(grads.chunks_exact(h)) {
+                let (mean, rstd) = row_stats(row, eps);
+                for i in 0..h {
+                    dgamma[i] += grow[i] * (row[i] - mean) * rstd;
+                    dbeta[i] += grow[i];
+                }
+            }
+            (dgamma, dbeta)
+        })
+        .reduce(zero, |(mut ga, mut ba), (gb, bb)| {
+            ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
+            ba.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+            (ga, ba)
+        })
+}
+
 impl CustomOp1 for FrozenLayerNorm {
     fn name(&self) -> &'static str {
         "frozen-layer-norm"
@@ -32,14 +107,7 @@ impl CustomOp1 for FrozenLayerNorm {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let (gamma, beta) = (host_f32(&self.gamma)?, host_f32(&self.beta)?);
-        let h = gamma.len();
-        let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let (mean, rstd) = row_stats(row, self.eps);
-            for i in 0..h {
-                o[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
-            }
-        }
+        let out = normalize_rows(x, &gamma, &beta, self.eps);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -85,27 +153,7 @@ impl CustomOp2 for FrozenLayerNormBackward {
         let x = contiguous_f32(xs, xl, self.name())?;
         let g = contiguous_f32(gs, gl, self.name())?;
         let gamma = host_f32(&self.gamma)?;
-        let h = gamma.len();
-        let mut dx = vec![0f32; x.len()];
-        let mut gg = vec![0f32; h];
-        for ((row, grow), drow) in x
-            .chunks_exact(h)
-            .zip(g.chunks_exact(h))
-            .zip(dx.chunks_exact_mut(h))
-        {
-            let (mean, rstd) = row_stats(row, self.eps);
-            let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
-            for i in 0..h {
-                gg[i] = grow[i] * gamma[i];
-                sum_gg += gg[i];
-                sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
-            }
-            let (mean_gg, mean_gg_xhat) = (sum_gg / h as f32, sum_gg_xhat / h as f32);
-            for i in 0..h {
-                let xhat = (row[i] - mean) * rstd;
-                drow[i] = rstd * (gg[i] - mean_gg - xhat * mean_gg_xhat);
-            }
-        }
+        let dx = input_grad_rows(x, g, &gamma, self.eps);
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 
@@ -118,6 +166,62 @@ impl CustomOp2 for FrozenLayerNormBackward {
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_ops::layer_norm_bwd(xs, xl, gs, gl, &self.gamma, self.eps)
+    }
+}
+
+/// LayerNorm with a trainable affine on the CPU (f32): arguments `(x, γ, β)`.
+struct TrainableLayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for TrainableLayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, self.name())?;
+        let gamma = contiguous_f32(gs, gl, self.name())?;
+        let beta = contiguous_f32(bs, bl, self.name())?;
+        let out = normalize_rows(x, gamma, beta, self.eps);
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = gamma.elem_count();
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op2_no_bwd(
+            &grad,
+            &FrozenLayerNormBackward {
+                gamma: gamma.detach(),
+                eps: self.eps,
+            },
+        )?;
+        let (dgamma, dbeta) = {
+            let (x_storage, x_l) = x.storage_and_layout();
+            let (g_storage, g_l) = grad.storage_and_layout();
+            let xs = super::cpu_f32(&x_storage, x_l, self.name())?;
+            let gs = super::cpu_f32(&g_storage, g_l, self.name())?;
+            affine_grads(xs, gs, h, self.eps)
+        };
+        let dgamma = Tensor::from_vec(dgamma, gamma.shape(), x.device())?;
+        let dbeta = Tensor::from_vec(dbeta, gamma.shape(), x.device())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
@@ -148,7 +252,8 @@ fn layer_norm_composite(
 
 /// LayerNorm over the last dimension. When neither `gamma` nor `beta` is trainable and the input
 /// is f32 on the CPU, or f32/bf16 on CUDA, a fused op runs that computes no gradient for them
-/// (statistics in f32 whatever the input dtype).
+/// (statistics in f32 whatever the input dtype). With a trainable affine, a fused op gives all
+/// three gradients for f32 on the CPU; elsewhere composite candle ops do.
 pub fn layer_norm(
     x: &Tensor,
     gamma: &Tensor,
@@ -163,6 +268,14 @@ pub fn layer_norm(
             eps: eps as f32,
         };
         x.contiguous()?.apply_op1(op)
+    } else if x.device().is_cpu()
+        && [x.dtype(), gamma.dtype(), beta.dtype()] == [candle_core::DType::F32; 3]
+        && gamma.dims() == [*x.dims().last().unwrap_or(&0)]
+        && beta.dims() == gamma.dims()
+    {
+        let op = TrainableLayerNorm { eps: eps as f32 };
+        x.contiguous()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
     } else {
         layer_norm_composite(x, gamma, beta, eps)
     }
@@ -193,6 +306,31 @@ mod tests {
         let diff = d.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "input gradient differs by {diff}");
         assert!(g1.get(&gamma).is_none() && g1.get(&beta).is_none());
+        Ok(())
+    }
+
+    /// The trainable op's output and its gradients in `x`, `γ` and `β` against the composite.
+    #[test]
+    fn trainable_affine_matches_composite() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0.5f32, 2., (3, 70, 24), &dev)?;
+        let gamma = Var::randn(1f32, 0.3, 24, &dev)?;
+        let beta = Var::randn(0f32, 0.3, 24, &dev)?;
+        let w = Tensor::randn(0f32, 1., (3, 70, 24), &dev)?;
+        let fused = layer_norm(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-12)?;
+        let reference =
+            layer_norm_composite(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-12)?;
+        assert!(super::super::max_abs_diff(&fused, &reference) < 1e-5);
+        let g1 = (fused * &w)?.sum_all()?.backward()?;
+        let g2 = (reference * &w)?.sum_all()?.backward()?;
+        for (v, bound) in [(&x, 1e-4), (&gamma, 1e-4), (&beta, 1e-4)] {
+            let got = g1.get(v.as_tensor()).expect("a gradient from the fused op");
+            let want = g2
+                .get(v.as_tensor())
+                .expect("a gradient from the composite");
+            let diff = super::super::max_abs_diff(got, want);
+            assert!(diff < bound, "gradient differs by {diff}");
+        }
         Ok(())
     }
 

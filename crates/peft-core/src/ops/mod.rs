@@ -19,6 +19,7 @@ mod layer_norm;
 mod lora_linear;
 mod multi_lora;
 mod softmax;
+mod trainable_linear;
 mod vmath;
 
 pub use attention::{attention, attention_reference, AttentionSpec};
@@ -37,6 +38,7 @@ pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, lora_linear_reference, LoraBranch};
 pub use multi_lora::{multi_lora_linear, multi_lora_linear_reference, LoraStack, NO_ADAPTER};
 pub use softmax::masked_softmax;
+pub use trainable_linear::{trainable_linear, trainable_linear_reference};
 
 /// The largest absolute difference between two tensors of the same shape (the ops' tests).
 #[cfg(test)]
@@ -58,6 +60,19 @@ fn contiguous_f32<'a>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// The f32 values of a contiguous tensor's storage, or an error naming `op` when it is not on
+/// the CPU.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(c) => contiguous_f32(c, layout, op),
+        _ => candle_core::bail!("{op}: a tensor is not on the CPU"),
     }
 }
 
