@@ -163,11 +163,10 @@ impl CustomOp3 for FusedAttention {
             v: v.detach(),
         };
         let grads = g.contiguous()?.apply_op1_no_bwd(&backward)?;
-        Ok((
-            Some(grads.get(0)?),
-            Some(grads.get(1)?),
-            Some(grads.get(2)?),
-        ))
+        // An input that depends on no trainable tensor (the key of a first layer whose key
+        // projection is frozen) would only have its gradient stored and dropped.
+        let wanted = |i: usize, t: &Tensor| t.track_op().then(|| grads.get(i)).transpose();
+        Ok((wanted(0, q)?, wanted(1, k)?, wanted(2, v)?))
     }
 }
 

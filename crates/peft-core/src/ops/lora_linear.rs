@@ -136,17 +136,19 @@ impl CustomOp3 for LoraLinear {
         let du = (g.matmul(b)? * s)?; // rows × r
         let da = du.t()?.matmul(&xd)?; // r × in
         let db = (g.t()?.matmul(&u)? * s)?; // out × r
-        let dx = g
-            .apply_op2_no_bwd(
-                &du,
-                &LoraInputGrad {
-                    weight: self.weight.clone(),
-                    a: a.detach(),
-                    mask: self.mask.clone(),
-                },
-            )?
-            .reshape(x.shape())?;
-        Ok((Some(dx), Some(da), Some(db)))
+                                            // No input gradient where the input depends on no trainable tensor (a first layer's
+                                            // input under LoRA): it would cost the layer's largest GEMM for nothing.
+        let dx = if x.track_op() {
+            let op = LoraInputGrad {
+                weight: self.weight.clone(),
+                a: a.detach(),
+                mask: self.mask.clone(),
+            };
+            Some(g.apply_op2_no_bwd(&du, &op)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
     }
 }
 

@@ -87,26 +87,29 @@ fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
         )
 }
 
-/// `(dx, dW, db)` for the output gradient `grad` of `x·Wᵀ + b`; `db` only `with_bias`.
+/// `(dx, dW, db)` for the output gradient `grad` of `x·Wᵀ + b`; `db` only `with_bias`, and `dx`
+/// only where `x` depends on a trainable tensor (not under a trained head alone, for example).
 fn backward(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     with_bias: bool,
-) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    let want_dx = x.track_op();
     let (out_features, in_features) = w.dims2()?;
     let rows = x.elem_count() / in_features.max(1);
     let g = grad.contiguous()?.reshape((rows, out_features))?;
     if !g.device().is_cpu() {
         let x2 = x.reshape((rows, in_features))?;
-        let dx = g.matmul(w)?.reshape(x.shape())?;
+        let dx = want_dx
+            .then(|| g.matmul(w)?.reshape(x.shape()))
+            .transpose()?;
         let dw = g.t()?.matmul(&x2)?;
         let db = with_bias.then(|| g.sum(0)).transpose()?;
         return Ok((dx, dw, db));
     }
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let mut dx = vec![0f32; rows * in_features];
     let mut dw = vec![0f32; out_features * in_features];
     let (g_storage, g_l) = g.storage_and_layout();
     let (x_storage, x_l) = x.storage_and_layout();
@@ -120,13 +123,19 @@ fn backward(
         out_features,
         in_features,
     );
-    let dx_dst = MatMut {
-        data: &mut dx,
-        rows,
-        cols: in_features,
-        row_stride: in_features,
+    let dx = if want_dx {
+        let mut dx = vec![0f32; rows * in_features];
+        let dst = MatMut {
+            data: &mut dx,
+            rows,
+            cols: in_features,
+            row_stride: in_features,
+        };
+        gemm_into(dst, g2, w2, 1.0, false, true)?;
+        Some(dx)
+    } else {
+        None
     };
-    gemm_into(dx_dst, g2, w2, 1.0, false, true)?;
     let dw_dst = MatMut {
         data: &mut dw,
         rows: out_features,
@@ -136,7 +145,9 @@ fn backward(
     gemm_into(dw_dst, g2.t(), x2, 1.0, false, true)?;
     let db = with_bias.then(|| column_sums(gs, out_features));
     let device = x.device();
-    let dx = Tensor::from_vec(dx, x.shape(), device)?;
+    let dx = dx
+        .map(|dx| Tensor::from_vec(dx, x.shape(), device))
+        .transpose()?;
     let dw = Tensor::from_vec(dw, (out_features, in_features), device)?;
     let db = db
         .map(|db| Tensor::from_vec(db, out_features, device))
@@ -167,7 +178,7 @@ impl CustomOp2 for TrainableLinear {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = backward(x, w, grad, false)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -197,7 +208,7 @@ impl CustomOp3 for TrainableLinearBias {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = backward(x, w, grad, true)?;
-        Ok((Some(dx), Some(dw), db))
+        Ok((dx, Some(dw), db))
     }
 }
 
@@ -288,6 +299,30 @@ mod tests {
                 (None, None) => assert!(!with_bias),
                 _ => panic!("bias gradient present on one side only"),
             }
+        }
+        Ok(())
+    }
+
+    /// An input that depends on nothing trainable gets no gradient; W and b still do.
+    #[test]
+    fn untracked_input_gets_no_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (5, 12), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (7, 12), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 7, &dev)?)?;
+        let grads = trainable_linear(&x, w.as_tensor(), Some(b.as_tensor()))?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        let reference = trainable_linear_reference(&x, w.as_tensor(), Some(b.as_tensor()))?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        assert!(grads.get(&x).is_none());
+        for v in [&w, &b] {
+            let (got, want) = (grads.get(v.as_tensor()), reference.get(v.as_tensor()));
+            let (got, want) = (got.expect("a gradient"), want.expect("a gradient"));
+            assert!(super::super::max_abs_diff(got, want) < 1e-5);
         }
         Ok(())
     }
