@@ -46,6 +46,13 @@ if ! "$VENV/bin/python" tests/fixtures/vision/check_cnn_adapter.py adapters/mobi
     "$out/vision_predictions.jsonl"; then
   failed+=("mobilenet-v2-fashion-mnist-lora")
 fi
+echo "::: mobilenet-v2-fashion-mnist-lora merged (peft-rs merge's state dict in plain torchvision)"
+cargo run --quiet --release -p peft-cli --bin peft-rs -- merge --adapter adapters/mobilenet-v2-fashion-mnist-lora \
+  --out "$out/merged_mobilenet"
+if ! "$VENV/bin/python" tests/fixtures/vision/check_cnn_adapter.py adapters/mobilenet-v2-fashion-mnist-lora \
+    "$out/vision_predictions.jsonl" --merged "$out/merged_mobilenet"; then
+  failed+=("merged_mobilenet-v2-fashion-mnist-lora")
+fi
 if [ ${#failed[@]} -ne 0 ]; then
   echo "Python peft does not reproduce peft-rs for: ${failed[*]}"
   exit 1

@@ -4,6 +4,7 @@
 //! The reloaded adapter must reproduce the validation accuracy measured in training: that checks
 //! the saved head, LoRA weights and BatchNorm statistics together.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -147,6 +148,13 @@ fn vit_recipe_trains_reloads_evaluates_and_predicts() {
         .keys()
         .any(|k| k == "base_model.model.vit.layers.0.attention.q_proj.lora_A.weight"));
     assert!(st.keys().any(|k| k == "base_model.model.classifier.weight"));
+    // Merging is for the torchvision CNNs; a ViT adapter gets a clear refusal.
+    let merged = tmp.path().join("merged");
+    fails(
+        &["merge", "--adapter", a, "--out", merged.to_str().unwrap()],
+        &["torchvision CNNs", "vit_tiny"],
+    );
+    assert!(!merged.exists(), "nothing is written on refusal");
 }
 
 #[test]
@@ -278,4 +286,71 @@ fn mobilenet_recipe_round_trips_batch_norm_statistics() {
         ])),
         valid
     );
+    // The merged torchvision state dict: the new head, the trained BatchNorm statistics.
+    let merged = tmp.path().join("merged");
+    let out = ok(&["merge", "--adapter", &a, "--out", merged.to_str().unwrap()]);
+    assert!(out.contains("34 adapted layers"), "{out}");
+    let st =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(st["classifier.1.weight"].dims(), [10, 1280]);
+    assert!(st.contains_key("features.18.1.running_var"));
+    assert!(st.keys().all(|k| !k.contains("lora")));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architecture"], "mobilenet_v2");
+    assert_eq!(config["id2label"]["9"], "Ankle boot");
+}
+
+#[test]
+fn bench_times_mobilenet_training_and_inference() {
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("bench.json");
+    let args = [
+        "bench",
+        "--model",
+        "mobilenet-v2",
+        "--batch",
+        "2",
+        "--seqs",
+        "32",
+    ];
+    let mut timed = args.to_vec();
+    timed.extend([
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let printed = ok(&timed);
+    assert!(printed.contains("img/s"), "{printed}");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let cases: HashMap<String, Value> = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_string(), c.clone()))
+        .collect();
+    for name in [
+        "train/full/px32",
+        "train/lora/px32",
+        "train/head/px32",
+        "infer/base/px32",
+        "infer/lora-unmerged/px32",
+        "infer/lora-merged/px32",
+    ] {
+        let c = &cases[name];
+        assert!(c["error"].is_null(), "{name}: {}", c["error"]);
+        assert!(c["median_ms"].as_f64().unwrap() > 0.0);
+    }
+    // 1280×10 + 10 for the head; LoRA r=8 on the 34 1×1 convolutions adds 148,224.
+    assert_eq!(cases["train/head/px32"]["trainable_params"], 12_810);
+    assert_eq!(cases["train/lora/px32"]["trainable_params"], 161_034);
+    assert_eq!(cases["train/full/px32"]["trainable_params"], 2_236_682);
+    let mut wrong = args.to_vec();
+    wrong.extend(["--methods", "lora-qv"]);
+    fails(&wrong, &["lora-qv", "full, lora or head"]);
 }

@@ -82,12 +82,15 @@ enum Command {
         /// CPU first, then times the LoRA linear).
         #[arg(long, default_value = "train,infer")]
         suite: String,
-        /// minilm (all-MiniLM-L6-v2 shape), bert-base, or tiny.
+        /// minilm (all-MiniLM-L6-v2 shape), bert-base, tiny, or mobilenet-v2 (torchvision's
+        /// MobileNetV2, 10 classes).
         #[arg(long, default_value = "minilm")]
         model: String,
-        /// Comma-separated training methods: full, lora-qv, lora-all, ia3, bottleneck.
-        #[arg(long, default_value = "full,lora-qv,lora-all")]
-        methods: String,
+        /// Comma-separated training methods: full, lora-qv, lora-all, ia3, bottleneck
+        /// [default: full,lora-qv,lora-all]; for mobilenet-v2 full, lora (every 1×1 conv), head
+        /// [default: full,lora,head].
+        #[arg(long)]
+        methods: Option<String>,
         /// cpu or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -97,12 +100,13 @@ enum Command {
         /// f32, or bf16: products with frozen weights on AMX tiles (bf16 operands, f32 sums).
         #[arg(long, default_value = "f32")]
         matmul_precision: String,
-        /// Sequences per batch.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Comma-separated sequence lengths.
-        #[arg(long, default_value = "128")]
-        seqs: String,
+        /// Sequences (images) per batch [default: 16; 64 for mobilenet-v2].
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Comma-separated sequence lengths (image sides for mobilenet-v2) [default: 128; 64
+        /// for mobilenet-v2].
+        #[arg(long)]
+        seqs: Option<String>,
         /// Timed steps per case (the median is reported).
         #[arg(long, default_value_t = 20)]
         steps: usize,
@@ -184,12 +188,12 @@ fn main() -> ExitCode {
         } => commands::bench::run(&commands::bench::BenchArgs {
             suites: &suite,
             model: &model,
-            methods: &methods,
+            methods: methods.as_deref(),
             device: &device,
             dtype: &dtype,
             matmul_precision: &matmul_precision,
             batch,
-            seqs: &seqs,
+            seqs: seqs.as_deref(),
             steps,
             warmup,
             out: out.as_deref(),

@@ -22,6 +22,14 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     }
     let tmp = temp_path(path);
     let result = write(&tmp).and_then(|()| {
+        // Readable by all, as files made by `File::create` under the usual umask are (some
+        // writers, safetensors' among them, create theirs owner-only).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&tmp, mode).map_err(|e| PeftError::io(&tmp, e))?;
+        }
         let f = std::fs::File::open(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
         f.sync_all().map_err(|e| PeftError::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| PeftError::io(path, e))

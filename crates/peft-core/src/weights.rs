@@ -87,6 +87,28 @@ impl WeightSource {
         }
     }
 
+    /// Checkpoint tensor `key` as stored, on the CPU (no shape check, no conversion): merging
+    /// copies the base tensors a model did not change. Random and generated weights have none.
+    pub fn load_stored(&self, key: &str) -> Result<Tensor> {
+        match self {
+            Self::Safetensors { .. } | Self::Map(_) if !self.contains(key) => {
+                Err(PeftError::MissingTensor {
+                    files: self.describe(),
+                    name: key.into(),
+                    path: key.into(),
+                })
+            }
+            Self::Safetensors { tensors, files } => tensors.load(key, &Device::Cpu).map_err(|e| {
+                PeftError::candle(format!("loading `{key}` from {}", files[0].display()), e)
+            }),
+            Self::Map(m) => Ok(m[key].clone()),
+            Self::Random(_) | Self::Generated(_) => Err(PeftError::Config {
+                key: key.into(),
+                message: format!("{} hold no stored tensors", self.describe()),
+            }),
+        }
+    }
+
     /// Loads `name` with the expected shape, converted to `dtype` on `device`.
     pub fn load(
         &self,

@@ -120,20 +120,13 @@ fn build_cnn(
     })
 }
 
-/// Builds the image classifier `name` with `options.num_labels` classes, applying `plan`:
-/// - `torchvision/mobilenet_v2`, `torchvision/resnet18|34|50`: torchvision's ImageNet weights
-///   from the torch hub cache (where `scripts/setup-assets.sh` or torchvision put them);
-/// - a `.pth`/`.pt`/`.bin`/`.safetensors` file in torchvision's layout, with `architecture`
-///   (`mobilenet_v2`, `resnet18`, ...);
-/// - a Hugging Face id or folder of a ViT or DINOv2 (`model_type` in its `config.json`).
-pub fn image_classifier(
+/// The torchvision architecture and weights of a CNN `name` (`torchvision/<arch>` from the
+/// torch hub cache, or a checkpoint file with `architecture`); `None` for other names (Hugging
+/// Face ViT/DINOv2 ids and folders).
+pub fn cnn_checkpoint(
     name: &str,
     architecture: Option<&str>,
-    plan: TuningPlan,
-    options: ImageModelOptions,
-    device: &Device,
-    dtype: DType,
-) -> Result<Box<dyn ImageClassifier>> {
+) -> Result<Option<(&'static str, WeightSource)>> {
     if let Some(arch) = name.strip_prefix("torchvision/") {
         let Some((arch, file)) = TORCHVISION.iter().find(|(a, _)| *a == arch) else {
             let known: Vec<_> = TORCHVISION
@@ -159,7 +152,7 @@ pub fn image_classifier(
                 ),
             ));
         }
-        return build_cnn(arch, cnn_weights(&path)?, plan, options, device, dtype);
+        return Ok(Some((arch, cnn_weights(&path)?)));
     }
     let path = Path::new(name);
     if path.is_file() {
@@ -172,7 +165,27 @@ pub fn image_classifier(
                  resnet34, resnet50, resnet101, resnet152), got {architecture:?}"
                 ),
             })?;
-        return build_cnn(arch, cnn_weights(path)?, plan, options, device, dtype);
+        return Ok(Some((arch, cnn_weights(path)?)));
+    }
+    Ok(None)
+}
+
+/// Builds the image classifier `name` with `options.num_labels` classes, applying `plan`:
+/// - `torchvision/mobilenet_v2`, `torchvision/resnet18|34|50`: torchvision's ImageNet weights
+///   from the torch hub cache (where `scripts/setup-assets.sh` or torchvision put them);
+/// - a `.pth`/`.pt`/`.bin`/`.safetensors` file in torchvision's layout, with `architecture`
+///   (`mobilenet_v2`, `resnet18`, ...);
+/// - a Hugging Face id or folder of a ViT or DINOv2 (`model_type` in its `config.json`).
+pub fn image_classifier(
+    name: &str,
+    architecture: Option<&str>,
+    plan: TuningPlan,
+    options: ImageModelOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn ImageClassifier>> {
+    if let Some((arch, weights)) = cnn_checkpoint(name, architecture)? {
+        return build_cnn(arch, weights, plan, options, device, dtype);
     }
     let files = resolve_model(name).map_err(|e| PeftError::Config {
         key: "model.name".into(),

@@ -16,7 +16,7 @@ pub use cnn::ImageModelOptions;
 pub use dinov2::{
     dinov2_image_classifier, Dinov2Config, Dinov2ForImageClassification, Dinov2Model,
 };
-pub use image_models::{image_classifier, torch_hub_checkpoints, ImageClassifier};
+pub use image_models::{cnn_checkpoint, image_classifier, torch_hub_checkpoints, ImageClassifier};
 pub use mobilenet_v2::MobileNetV2;
 pub use resnet::{ResNet, ResNetDepth};
 pub use resolve::{resolve_model, ModelFiles, ResolveError};
@@ -26,6 +26,6 @@ pub mod load;
 pub mod merge;
 
 pub use load::{bert_token_classifier, read_bert_config};
-pub use merge::{merged_tensors, write_merged_token_classifier};
+pub use merge::{merged_tensors, write_merged_image_classifier, write_merged_token_classifier};
 pub mod pth;
 pub use pth::read_pth;

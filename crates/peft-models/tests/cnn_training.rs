@@ -312,3 +312,42 @@ fn bad_input_and_bad_checkpoints_are_named() {
         "{err}"
     );
 }
+
+/// A trained LoRA model merged into a torchvision state dict: the new head, every BatchNorm's
+/// running statistics and batch count, and the folded 1×1 kernels; a plain MobileNetV2 built
+/// from that state dict (no adapter, its head kept) gives the adapted model's logits.
+#[test]
+fn merged_state_dict_rebuilds_the_adapted_model() {
+    let m = model(lora_plan(), BatchNormMode::Update);
+    for step in 0..2 {
+        train_step(&m, &images(4, 11 + step));
+    }
+    let x = images(3, 99);
+    let adapted = m.forward(&x, false).unwrap();
+    let refuse = |key: &str| -> peft_core::Result<Tensor> {
+        panic!("a CNN's base tensors are all in its layers; `{key}` was asked for")
+    };
+    let merged = peft_models::merged_tensors(&m.parts, &refuse).unwrap();
+    let tracked = merged["features.3.conv.1.1.num_batches_tracked"]
+        .to_scalar::<i64>()
+        .unwrap();
+    assert_eq!(tracked, 2, "two training batches went into the statistics");
+    assert!(merged.contains_key("classifier.1.weight"));
+    assert!(merged.keys().all(|k| !k.contains("lora")));
+    let b = ModelBuilder::new(
+        WeightSource::Map(merged.into_iter().collect()),
+        TuningPlan::default(),
+        DType::F32,
+        Device::Cpu,
+    )
+    .unwrap();
+    let options = ImageModelOptions {
+        num_labels: 5,
+        pretrained_head: true,
+        batch_norm: BatchNormMode::Update,
+        dropout: 0.0,
+    };
+    let plain = MobileNetV2::new(b, options).unwrap();
+    let diff = max_diff(&plain.forward(&x, false).unwrap(), &adapted);
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
+}

@@ -169,6 +169,8 @@ pub fn build_image_model(
 pub struct ImageAdapter {
     /// The model with the adapter (and its BatchNorm statistics) loaded.
     pub model: Box<dyn ImageClassifier>,
+    /// The base model it was built on.
+    pub spec: ImageModelSpec,
     /// Class names in label order.
     pub classes: Vec<String>,
     /// The data it was trained on (paths and preprocessing).
@@ -227,6 +229,7 @@ pub fn load_image_adapter(dir: &Path, device: &Device) -> Result<ImageAdapter> {
     adapter_io::load_trained(dir, model.parts())?;
     Ok(ImageAdapter {
         model,
+        spec,
         classes,
         data,
         meta,

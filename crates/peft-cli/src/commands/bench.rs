@@ -1,5 +1,5 @@
-//! `peft-rs bench`: training-step, inference and kernel benchmarks on random-weight BERT shapes,
-//! printed as a table and written as JSON in the schema the Python side
+//! `peft-rs bench`: training-step, inference and kernel benchmarks on random-weight BERT shapes
+//! and MobileNetV2, printed as a table and written as JSON in the schema the Python side
 //! (benches/compare/peft_gpu_bench.py) writes, so the two can be put side by side.
 
 use std::path::Path;
@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use peft_core::device::parse_device;
+use peft_train::bench::vision::{self, VisionMethod};
 use peft_train::bench::{
     self, kernels, BenchSettings, CaseResult, InferVariant, Method, ModelShape,
 };
@@ -15,12 +16,12 @@ use peft_train::bench::{
 pub struct BenchArgs<'a> {
     pub suites: &'a str,
     pub model: &'a str,
-    pub methods: &'a str,
+    pub methods: Option<&'a str>,
     pub device: &'a str,
     pub dtype: &'a str,
     pub matmul_precision: &'a str,
-    pub batch: usize,
-    pub seqs: &'a str,
+    pub batch: Option<usize>,
+    pub seqs: Option<&'a str>,
     pub steps: usize,
     pub warmup: usize,
     pub out: Option<&'a Path>,
@@ -48,10 +49,15 @@ fn print_case(c: &CaseResult) {
     match &c.error {
         Some(e) => println!("{:<40} error: {e}", c.name),
         None => println!(
-            "{:<40} {:>10.3} ms {:>12.0} tok/s {:>10} MiB",
+            "{:<40} {:>10.3} ms {:>12.0} {} {:>10} MiB",
             c.name,
             c.median_ms,
             c.tokens_per_s,
+            if c.name.contains("/px") {
+                "img/s"
+            } else {
+                "tok/s"
+            },
             c.peak_bytes
                 .map(|b| format!("{:.0}", b as f64 / (1 << 20) as f64))
                 .unwrap_or_else(|| "-".into())
@@ -67,17 +73,29 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         other => bail!("--dtype: `{other}` is not f32 or bf16"),
     };
     let precision = super::apply_matmul_precision(args.matmul_precision, "--matmul-precision")?;
+    let model = ModelShape::parse(args.model)?;
+    let image = model == ModelShape::MobileNetV2;
+    if image {
+        vision::check_dtype(dtype)?;
+    }
+    let (default_methods, default_batch, default_seqs) = if image {
+        ("full,lora,head", 64, "64")
+    } else {
+        ("full,lora-qv,lora-all", 16, "128")
+    };
+    let batch = args.batch.unwrap_or(default_batch);
     let settings = BenchSettings {
-        model: ModelShape::parse(args.model)?,
+        model,
         device: device.clone(),
         dtype,
-        batch: args.batch,
+        batch,
         steps: args.steps,
         warmup: args.warmup,
         phases: args.phases,
     };
     let seqs: Vec<usize> = args
         .seqs
+        .unwrap_or(default_seqs)
         .split(',')
         .map(|s| {
             s.trim()
@@ -85,11 +103,19 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
                 .with_context(|| format!("--seqs: `{s}` is not a number"))
         })
         .collect::<Result<_>>()?;
-    let methods: Vec<Method> = args
+    let method_names: Vec<&str> = args
         .methods
+        .unwrap_or(default_methods)
         .split(',')
-        .map(|m| Method::parse(m.trim()))
-        .collect::<std::result::Result<_, _>>()?;
+        .map(str::trim)
+        .collect();
+    let (methods, image_methods): (Vec<Method>, Vec<VisionMethod>) = if image {
+        let parsed = method_names.iter().map(|m| VisionMethod::parse(m));
+        (vec![], parsed.collect::<std::result::Result<_, _>>()?)
+    } else {
+        let parsed = method_names.iter().map(|m| Method::parse(m));
+        (parsed.collect::<std::result::Result<_, _>>()?, vec![])
+    };
     println!(
         "# peft-rs {} bench: model {} on {} ({}, frozen matmuls {}), batch {}, seqs {:?}, warmup {}, steps {}, {} threads",
         env!("CARGO_PKG_VERSION"),
@@ -97,7 +123,7 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         args.device,
         args.dtype,
         precision,
-        args.batch,
+        batch,
         seqs,
         args.warmup,
         args.steps,
@@ -136,12 +162,22 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
                         cases.push(c);
                         report(&cases, &checks)?;
                     }
+                    for &m in &image_methods {
+                        let c = vision::image_train_case(&settings, m, seq);
+                        print_case(&c);
+                        cases.push(c);
+                        report(&cases, &checks)?;
+                    }
                 }
             }
             "infer" => {
                 for &seq in &seqs {
                     for v in InferVariant::ALL {
-                        let c = bench::infer_case(&settings, v, seq);
+                        let c = if image {
+                            vision::image_infer_case(&settings, v, seq)
+                        } else {
+                            bench::infer_case(&settings, v, seq)
+                        };
                         print_case(&c);
                         cases.push(c);
                         report(&cases, &checks)?;

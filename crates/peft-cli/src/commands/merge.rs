@@ -1,13 +1,19 @@
-//! `peft-rs merge`: fold the adapter into the base weights and write a plain Hugging Face
-//! `BertForTokenClassification` checkpoint that transformers loads without peft.
+//! `peft-rs merge`: fold the adapter into the base weights and write a plain checkpoint: a
+//! Hugging Face `BertForTokenClassification` that transformers loads without peft, or, for an
+//! image adapter on a CNN, a torchvision state dict with the new head and the trained BatchNorm
+//! statistics.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use peft_train::ner::load_ner_adapter;
+use peft_train::vision::load_image_adapter;
 
 pub fn run(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
+    if super::is_image_adapter(adapter)? {
+        return run_image(adapter, out, base);
+    }
     let ner = load_ner_adapter(adapter, base, &Device::Cpu)?;
     let n = peft_models::write_merged_token_classifier(
         &ner.model.parts,
@@ -19,6 +25,39 @@ pub fn run(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     println!(
         "merged {} adapted layers into {} ({n} tensors)",
         ner.model.parts.registry.adapted_paths().len(),
+        out.display(),
+    );
+    Ok(())
+}
+
+fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
+    if base.is_some() {
+        bail!("--base: an image adapter's base is the model its recipe named; leave it out");
+    }
+    let a = load_image_adapter(adapter, &Device::Cpu)?;
+    let spec = &a.spec;
+    let Some((arch, weights)) =
+        peft_models::cnn_checkpoint(&spec.name, spec.architecture.as_deref())?
+    else {
+        bail!(
+            "{}: merging is implemented for torchvision CNNs (MobileNetV2, ResNet); `{}` is a \
+             Hugging Face model",
+            adapter.display(),
+            spec.name
+        );
+    };
+    let stored = |key: &str| weights.load_stored(key);
+    let n = peft_models::write_merged_image_classifier(
+        a.model.parts(),
+        &stored,
+        arch,
+        &a.meta.id2label,
+        out,
+    )
+    .with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
+    println!(
+        "merged {} adapted layers into {} ({n} tensors, torchvision {arch} layout)",
+        a.model.parts().registry.adapted_paths().len(),
         out.display(),
     );
     Ok(())

@@ -1,6 +1,7 @@
 //! `peft-rs bench`: training-step and inference timings of BERT-shaped models (random weights)
 //! under full fine-tuning and PEFT methods, with the same cases and JSON schema as the Python
-//! side (benches/compare/peft_gpu_bench.py), and device kernel checks ([`kernels`]).
+//! side (benches/compare/peft_gpu_bench.py), the same for MobileNetV2 ([`vision`]), and device
+//! kernel checks ([`kernels`]).
 //!
 //! Timing: `warmup` untimed steps, then `steps` timed ones, each ended by a device
 //! synchronisation; the median, 10th and 90th percentiles are reported. Peak memory is the
@@ -9,6 +10,7 @@
 
 pub mod kernels;
 mod memory;
+pub mod vision;
 
 use std::time::Instant;
 
@@ -36,28 +38,35 @@ pub enum ModelShape {
     BertBase,
     /// A 2-layer, 64-wide BERT for smoke tests.
     Tiny,
+    /// torchvision's MobileNetV2 (the cases of [`vision`]).
+    MobileNetV2,
 }
 
 impl ModelShape {
-    /// Parses `minilm`, `bert-base` or `tiny`.
+    /// Parses `minilm`, `bert-base`, `tiny` or `mobilenet-v2`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "minilm" => Ok(Self::MiniLm),
             "bert-base" => Ok(Self::BertBase),
             "tiny" => Ok(Self::Tiny),
+            "mobilenet-v2" => Ok(Self::MobileNetV2),
             other => Err(TrainError::config(
                 "model",
-                format!("unknown bench model `{other}` (expected minilm, bert-base or tiny)"),
+                format!(
+                    "unknown bench model `{other}` (expected minilm, bert-base, tiny or \
+                     mobilenet-v2)"
+                ),
             )),
         }
     }
 
-    /// The BERT configuration of this shape.
-    pub fn config(self) -> BertConfig {
+    /// The BERT configuration of this shape (`None` for MobileNetV2).
+    pub fn config(self) -> Option<BertConfig> {
         let (hidden, layers, heads, ffn) = match self {
             Self::MiniLm => (384, 6, 12, 1536),
             Self::BertBase => (768, 12, 12, 3072),
             Self::Tiny => (64, 2, 4, 128),
+            Self::MobileNetV2 => return None,
         };
         let json = format!(
             r#"{{"vocab_size": 30522, "hidden_size": {hidden}, "num_hidden_layers": {layers},
@@ -66,7 +75,7 @@ impl ModelShape {
                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
                 "layer_norm_eps": 1e-12}}"#
         );
-        BertConfig::from_json(&json, "<bench preset>").expect("the presets are valid")
+        Some(BertConfig::from_json(&json, "<bench preset>").expect("the presets are valid"))
     }
 }
 
@@ -304,11 +313,11 @@ pub fn time_steps(
 
 fn build_model(s: &BenchSettings, plan: TuningPlan) -> Result<BertForTokenClassification> {
     let builder = ModelBuilder::new(WeightSource::Random(0), plan, s.dtype, s.device.clone())?;
-    Ok(BertForTokenClassification::new(
-        &s.model.config(),
-        9,
-        builder,
-    )?)
+    let config = s
+        .model
+        .config()
+        .ok_or_else(|| TrainError::config("model", format!("{:?} is not a BERT shape", s.model)))?;
+    Ok(BertForTokenClassification::new(&config, 9, builder)?)
 }
 
 struct Inputs {
@@ -423,7 +432,7 @@ impl InferVariant {
     /// All variants, in report order.
     pub const ALL: [Self; 3] = [Self::Base, Self::LoraUnmerged, Self::LoraMerged];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Base => "base",
             Self::LoraUnmerged => "lora-unmerged",
