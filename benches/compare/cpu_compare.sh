@@ -8,11 +8,22 @@
 #   REPS=1 MODELS=minilm STEPS=3 benches/compare/cpu_compare.sh
 #   PRECISION=bf16 benches/compare/cpu_compare.sh   # products with frozen weights in bf16 on AMX on
 #                                                   # both sides (results/cpu-bf16)
+#   GEMM=mkl benches/compare/cpu_compare.sh         # peft-rs's f32 GEMMs on MKL (scripts/install-mkl.sh,
+#                                                   # PEFT_RS_MKL; results/cpu-mkl); PyTorch uses MKL anyway
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
 PRECISION="${PRECISION:-f32}"
-if [ "$PRECISION" = f32 ]; then OUT="${OUT:-benches/compare/results/cpu}"; else OUT="${OUT:-benches/compare/results/cpu-$PRECISION}"; fi
+GEMM="${GEMM:-gemm}"
+suffix=""
+[ "$PRECISION" = f32 ] || suffix="-$PRECISION"
+if [ "$GEMM" = mkl ]; then
+  suffix="$suffix-mkl"
+  eval "$(scripts/install-mkl.sh --export)"
+else
+  export PEFT_RS_MKL=off
+fi
+OUT="${OUT:-benches/compare/results/cpu$suffix}"
 THREADS="${THREADS:-2}"
 STEPS="${STEPS:-5}"
 WARMUP="${WARMUP:-1}"
@@ -21,7 +32,7 @@ MODELS="${MODELS:-minilm bert-base}"
 mkdir -p "$OUT"
 cargo build --release -p peft-cli
 scripts/python-env.sh >/dev/null
-echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS, matmul precision $PRECISION"
+echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS, matmul precision $PRECISION, peft-rs f32 GEMM $GEMM"
 for rep in $(seq 1 "$REPS"); do
   for model in $MODELS; do
     echo "== rep $rep $model: peft-rs"

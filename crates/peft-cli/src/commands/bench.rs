@@ -117,12 +117,13 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
         (parsed.collect::<std::result::Result<_, _>>()?, vec![])
     };
     println!(
-        "# peft-rs {} bench: model {} on {} ({}, frozen matmuls {}), batch {}, seqs {:?}, warmup {}, steps {}, {} threads",
+        "# peft-rs {} bench: model {} on {} ({}, frozen matmuls {}, f32 GEMM {}), batch {}, seqs {:?}, warmup {}, steps {}, {} threads",
         env!("CARGO_PKG_VERSION"),
         args.model,
         args.device,
         args.dtype,
         precision,
+        peft_core::ops::f32_gemm_backend(),
         batch,
         seqs,
         args.warmup,
@@ -140,6 +141,7 @@ pub fn run(args: &BenchArgs<'_>) -> Result<()> {
                     "device": args.device,
                     "dtype": args.dtype,
                     "frozen_matmul": precision,
+                    "f32_gemm": peft_core::ops::f32_gemm_backend(),
                     "model": args.model,
                     "threads": rayon_threads(),
                     "cuda_feature": cfg!(feature = "cuda"),

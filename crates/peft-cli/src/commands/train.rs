@@ -30,7 +30,10 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     let dtype = parse_dtype(&recipe.model.dtype)?;
     let precision =
         super::apply_matmul_precision(&recipe.model.matmul_precision, "model.matmul_precision")?;
-    tracing::info!("products with frozen weights: {precision}");
+    tracing::info!(
+        "products with frozen weights: {precision}; f32 GEMM: {}",
+        peft_core::ops::f32_gemm_backend()
+    );
     let files = resolve_model(&recipe.model.name)?;
     let options = AlignOptions {
         label_all_subtokens: recipe.task.label_all_subtokens,

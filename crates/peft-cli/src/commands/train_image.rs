@@ -51,7 +51,10 @@ pub fn run(
     let device = parse_device(&recipe.model.device)?;
     let precision =
         super::apply_matmul_precision(&recipe.model.matmul_precision, "model.matmul_precision")?;
-    tracing::info!("products with frozen weights: {precision}");
+    tracing::info!(
+        "products with frozen weights: {precision}; f32 GEMM: {}",
+        peft_core::ops::f32_gemm_backend()
+    );
     let images = recipe.images.as_ref().context("[images]")?;
     let seed = recipe.train.seed;
     let splits = images.splits(seed)?;

@@ -118,6 +118,23 @@ fn times(
         let w = MatRef::new(super::cpu_f32(&w_storage, w_l, op)?, rows, cols);
         return amx_product(lhs, lhs_l, if transpose { w.t() } else { w }, op);
     }
+    if let (CpuStorage::F32(_), Storage::Cpu(CpuStorage::F32(_))) = (lhs, &*w_storage) {
+        if lhs_l.is_contiguous() && w_l.is_contiguous() {
+            // The f32 GEMM (MKL when loaded, else the `gemm` crate).
+            let w = MatRef::new(super::cpu_f32(&w_storage, w_l, op)?, rows, cols);
+            let b = if transpose { w.t() } else { w };
+            let x = MatRef::new(contiguous_f32(lhs, lhs_l, op)?, m, inner);
+            let mut out = vec![0f32; m * b.cols];
+            let dst = MatMut {
+                data: &mut out,
+                rows: m,
+                cols: b.cols,
+                row_stride: b.cols,
+            };
+            super::gemm::gemm_into(dst, x, b, 1.0, false, true)?;
+            return Ok(CpuStorage::F32(out));
+        }
+    }
     let Storage::Cpu(w) = &*w_storage else {
         candle_core::bail!("{op}: weight is not on the CPU")
     };
