@@ -432,6 +432,23 @@ impl InferVariant {
     /// All variants, in report order.
     pub const ALL: [Self; 3] = [Self::Base, Self::LoraUnmerged, Self::LoraMerged];
 
+    /// Gives a LoRA model's B factors values (they start at zero, which would make the adapter
+    /// a no-op) and merges them for [`Self::LoraMerged`].
+    fn prepare(self, parts: &peft_core::TunedParts) -> Result<()> {
+        if self != Self::Base {
+            for (name, var) in parts.params.named_vars() {
+                if name.contains("lora_B") {
+                    let t = ctx("init", || var.randn_like(0.0, 0.02))?;
+                    ctx("init", || var.set(&t))?;
+                }
+            }
+        }
+        if self == Self::LoraMerged {
+            parts.registry.merge_all()?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Base => "base",
@@ -450,18 +467,7 @@ pub fn infer_case(s: &BenchSettings, variant: InferVariant, seq: usize) -> CaseR
             _ => Method::LoraQv.plan(),
         };
         let model = build_model(s, plan)?;
-        if variant != InferVariant::Base {
-            // B starts at zero; give it values so that the adapter is not a no-op.
-            for (name, var) in model.parts.params.named_vars() {
-                if name.contains("lora_B") {
-                    let t = ctx("init", || var.randn_like(0.0, 0.02))?;
-                    ctx("init", || var.set(&t))?;
-                }
-            }
-        }
-        if variant == InferVariant::LoraMerged {
-            model.parts.registry.merge_all()?;
-        }
+        variant.prepare(&model.parts)?;
         let input = inputs(s, seq)?;
         let times = time_steps(&s.device, s.warmup, s.steps, || {
             model.forward(&input.ids, &input.types, &input.mask, false)?;

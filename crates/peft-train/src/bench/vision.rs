@@ -153,18 +153,7 @@ pub fn image_infer_case(s: &BenchSettings, variant: InferVariant, side: usize) -
             _ => VisionMethod::Lora.plan(),
         };
         let model = build(s, plan)?;
-        if variant != InferVariant::Base {
-            // B starts at zero; give it values so that the adapter is not a no-op.
-            for (name, var) in model.parts.params.named_vars() {
-                if name.contains("lora_B") {
-                    let t = ctx("init", || var.randn_like(0.0, 0.02))?;
-                    ctx("init", || var.set(&t))?;
-                }
-            }
-        }
-        if variant == InferVariant::LoraMerged {
-            model.parts.registry.merge_all()?;
-        }
+        variant.prepare(&model.parts)?;
         let (x, _) = images(s, side)?;
         let times = time_steps(&s.device, s.warmup, s.steps, || {
             model.forward(&x, false)?;
