@@ -62,24 +62,38 @@ fn on_amx(weight: &Tensor) -> bool {
         && weight.is_contiguous()
 }
 
-/// `lhs · B` on AMX, `lhs` (`m × k`, f32, contiguous) and B a view of the weight.
-fn amx_product(
+/// `row_init + lhs·B` for `lhs` (`m × k`, f32, contiguous) and B a view of the weight, with
+/// `row_init` (the bias, `n` values) added to every row, or nothing: on AMX when `amx`, else the
+/// f32 GEMM (MKL when loaded, else the `gemm` crate). Starting from the bias and accumulating
+/// saves the zero-fill and the separate bias pass.
+fn product(
     lhs: &CpuStorage,
     lhs_l: &Layout,
     b: MatRef<'_>,
+    row_init: Option<&[f32]>,
+    amx: bool,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
     let (m, k) = lhs_l.shape().dims2()?;
-    let x = contiguous_f32(lhs, lhs_l, op)?;
+    let x = MatRef::new(contiguous_f32(lhs, lhs_l, op)?, m, k);
     let n = b.cols;
-    let mut out = vec![0f32; m * n];
+    let mut out = match row_init {
+        Some(init) if init.len() == n => init.repeat(m),
+        Some(init) => candle_core::bail!("{op}: {} bias values for {n} outputs", init.len()),
+        None => vec![0f32; m * n],
+    };
     let dst = MatMut {
         data: &mut out,
         rows: m,
         cols: n,
         row_stride: n,
     };
-    amx::gemm_bf16(dst, MatRef::new(x, m, k), &PackedB::pack(b), false)?;
+    let accumulate = row_init.is_some();
+    if amx {
+        amx::gemm_bf16(dst, x, &PackedB::pack(b), accumulate)?;
+    } else {
+        super::gemm::gemm_into(dst, x, b, 1.0, accumulate, true)?;
+    }
     Ok(CpuStorage::F32(out))
 }
 
@@ -90,7 +104,28 @@ pub(super) fn times_weight_t(
     weight: &Tensor,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
-    times(x, x_l, weight, true, op)
+    times(x, x_l, weight, true, None, op)
+}
+
+/// `b + x·Wᵀ` (`b` added to every row) for f32 `x` (`m × k`, the 2-D layout `x_l`), a weight
+/// `n × k` and `n` bias values, or `None` where the fused path does not apply (other dtypes,
+/// strided operands): the caller adds the bias itself then.
+pub(super) fn bias_plus_times_weight_t(
+    x: &CpuStorage,
+    x_l: &Layout,
+    weight: &Tensor,
+    bias: &[f32],
+    op: &str,
+) -> candle_core::Result<Option<CpuStorage>> {
+    let f32_operands = matches!(x, CpuStorage::F32(_))
+        && x_l.is_contiguous()
+        && weight.dtype() == candle_core::DType::F32
+        && weight.device().is_cpu()
+        && weight.is_contiguous();
+    if !f32_operands {
+        return Ok(None);
+    }
+    times(x, x_l, weight, true, Some(bias), op).map(Some)
 }
 
 /// `g·W` for `g` (`m × n`, the 2-D layout `g_l`) and `weight` (`n × k`): `m × k`.
@@ -100,40 +135,31 @@ pub(super) fn times_weight(
     weight: &Tensor,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
-    times(g, g_l, weight, false, op)
+    times(g, g_l, weight, false, None, op)
 }
 
-/// `lhs·Wᵀ` (`transpose`) or `lhs·W` for `lhs` (`m × inner`, the 2-D layout `lhs_l`).
+/// `row_init + lhs·Wᵀ` (`transpose`) or `row_init + lhs·W` for `lhs` (`m × inner`, the 2-D
+/// layout `lhs_l`); `row_init` only where both operands are contiguous f32 on the CPU.
 fn times(
     lhs: &CpuStorage,
     lhs_l: &Layout,
     weight: &Tensor,
     transpose: bool,
+    row_init: Option<&[f32]>,
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
     let (m, inner) = lhs_l.shape().dims2()?;
     let (rows, cols) = weight.dims2()?;
     let (w_storage, w_l) = weight.storage_and_layout();
-    if matches!(lhs, CpuStorage::F32(_)) && lhs_l.is_contiguous() && on_amx(weight) {
-        let w = MatRef::new(super::cpu_f32(&w_storage, w_l, op)?, rows, cols);
-        return amx_product(lhs, lhs_l, if transpose { w.t() } else { w }, op);
-    }
     if let (CpuStorage::F32(_), Storage::Cpu(CpuStorage::F32(_))) = (lhs, &*w_storage) {
         if lhs_l.is_contiguous() && w_l.is_contiguous() {
-            // The f32 GEMM (MKL when loaded, else the `gemm` crate).
             let w = MatRef::new(super::cpu_f32(&w_storage, w_l, op)?, rows, cols);
             let b = if transpose { w.t() } else { w };
-            let x = MatRef::new(contiguous_f32(lhs, lhs_l, op)?, m, inner);
-            let mut out = vec![0f32; m * b.cols];
-            let dst = MatMut {
-                data: &mut out,
-                rows: m,
-                cols: b.cols,
-                row_stride: b.cols,
-            };
-            super::gemm::gemm_into(dst, x, b, 1.0, false, true)?;
-            return Ok(CpuStorage::F32(out));
+            return product(lhs, lhs_l, b, row_init, on_amx(weight), op);
         }
+    }
+    if row_init.is_some() {
+        candle_core::bail!("{op}: a bias start needs contiguous f32 operands")
     }
     let Storage::Cpu(w) = &*w_storage else {
         candle_core::bail!("{op}: weight is not on the CPU")

@@ -37,6 +37,12 @@ pub(super) fn cpu_linear(
     op: &str,
 ) -> candle_core::Result<CpuStorage> {
     let (_, _, x2_l) = super::as_rows(x_l)?;
+    if let Some(b) = bias.filter(|b| b.dtype() == DType::F32) {
+        let b = b.to_vec1::<f32>()?;
+        if let Some(out) = super::frozen_gemm::bias_plus_times_weight_t(x, &x2_l, weight, &b, op)? {
+            return Ok(out);
+        }
+    }
     let mut out = super::frozen_gemm::times_weight_t(x, &x2_l, weight, op)?;
     if let Some(bias) = bias {
         let bias = bias.to_dtype(out.dtype())?.to_vec1_any()?;
