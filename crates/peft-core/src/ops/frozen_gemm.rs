@@ -62,11 +62,11 @@ fn on_amx(weight: &Tensor) -> bool {
         && weight.is_contiguous()
 }
 
-/// `row_init + lhs·B` for `lhs` (`m × k`, f32, contiguous) and B a view of the weight, with
-/// `row_init` (the bias, `n` values) added to every row, or nothing: on AMX when `amx`, else the
-/// f32 GEMM (MKL when loaded, else the `gemm` crate). Starting from the bias and accumulating
-/// saves the zero-fill and the separate bias pass.
-fn product(
+/// `row_init + lhs·B` for `lhs` (`m × k`, f32, contiguous) and B a view of a weight (frozen, or
+/// trained: the trainable linear's forward), with `row_init` (the bias, `n` values) added to
+/// every row, or nothing: on AMX when `amx`, else the f32 GEMM (MKL when loaded, else the `gemm`
+/// crate). Starting from the bias and accumulating saves the zero-fill and the separate bias pass.
+pub(super) fn product(
     lhs: &CpuStorage,
     lhs_l: &Layout,
     b: MatRef<'_>,

@@ -31,39 +31,22 @@ fn cpu_forward(
     bias: Option<(&CpuStorage, &Layout)>,
     op: &str,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (rows, in_features, x2_l) = super::as_rows(x_l)?;
+    let (_, in_features, x2_l) = super::as_rows(x_l)?;
     let (out_features, w_in) = w_l.shape().dims2()?;
     if w_in != in_features {
         candle_core::bail!("{op}: input has {in_features} features, the weight {w_in}")
     }
-    let xs = super::contiguous_f32(x, &x2_l, op)?;
-    let ws = super::contiguous_f32(w, w_l, op)?;
-    let mut out = match bias {
-        Some((b, b_l)) => {
-            let bs = super::contiguous_f32(b, b_l, op)?;
-            if bs.len() != out_features {
-                candle_core::bail!(
-                    "{op}: bias has {} values, expected {out_features}",
-                    bs.len()
-                )
-            }
-            bs.repeat(rows)
-        }
-        None => vec![0f32; rows * out_features],
-    };
-    let dst = MatMut {
-        data: &mut out,
-        rows,
-        cols: out_features,
-        row_stride: out_features,
-    };
-    let x = MatRef::new(xs, rows, in_features);
-    let w = MatRef::new(ws, out_features, in_features);
-    gemm_into(dst, x, w.t(), 1.0, bias.is_some(), true)?;
-    Ok((
-        CpuStorage::F32(out),
-        super::with_last(x_l.shape(), out_features),
-    ))
+    let w = MatRef::new(
+        super::contiguous_f32(w, w_l, op)?,
+        out_features,
+        in_features,
+    );
+    let bias = bias
+        .map(|(b, b_l)| super::contiguous_f32(b, b_l, op))
+        .transpose()?;
+    // Trained weights stay in f32 whatever the frozen products' precision.
+    let out = super::frozen_gemm::product(x, &x2_l, w.t(), bias, false, op)?;
+    Ok((out, super::with_last(x_l.shape(), out_features)))
 }
 
 /// The column sums of `g` (`rows × cols`): the bias gradient.
