@@ -10,7 +10,9 @@ The reference numbers quoted in the issue come from exactly these settings (all 
               lora         peft LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_REGEX,
                            modules_to_save=["classifier"]): every 1x1 Conv2d of `features` (34 modules:
                            features.N.conv.0.0 expand for N=2..17, features.1.conv.1 and features.N.conv.2
-                           project, features.18.0), 161,034 trainable (148,224 LoRA + 12,810 head)
+                           project, features.18.0), 161,034 trainable (148,224 LoRA + 12,810 head);
+                           --train-bn-affine also trains every BatchNorm's gain and bias (34,112 more,
+                           peft-rs: tuning.unfreeze; they are not in the saved adapter)
               last-blocks  features.16, features.17, features.18 and the classifier trainable
               full         every parameter trainable
   data        Fashion-MNIST IDX files (gzip) in <assets>/data/fashion-mnist/ (assets = $PEFT_RS_ASSETS or
@@ -175,7 +177,7 @@ class FashionDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- model
-def build_model(mode: str, lora_r: int, lora_alpha: int, lora_dropout: float) -> nn.Module:
+def build_model(mode: str, lora_r: int, lora_alpha: int, lora_dropout: float, train_bn_affine: bool = False) -> nn.Module:
     try:
         model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")
     except Exception as e:  # noqa: BLE001 -- offline, the download fails when the file is absent
@@ -186,7 +188,13 @@ def build_model(mode: str, lora_r: int, lora_alpha: int, lora_dropout: float) ->
     if mode == "lora":
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_REGEX,
                             modules_to_save=["classifier"])
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        if train_bn_affine:  # BatchNorm gains and biases trained beside LoRA (peft-rs: tuning.unfreeze)
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(True)
+                    m.bias.requires_grad_(True)
+        return model
     for name, p in model.named_parameters():
         if mode == "full":
             p.requires_grad_(True)
@@ -236,6 +244,8 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=int, default=16)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--train-bn-affine", action="store_true",
+                    help="lora: also train every BatchNorm's gain and bias (not in the saved adapter)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--data", choices=["precompute", "loader"], default="precompute")
@@ -287,7 +297,7 @@ def main() -> None:
         test_ds = FashionDataset(test_images, test_labels, args.size, train=False)
 
     # model
-    model = build_model(args.mode, args.lora_r, args.lora_alpha, args.lora_dropout)
+    model = build_model(args.mode, args.lora_r, args.lora_alpha, args.lora_dropout, args.train_bn_affine)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
@@ -433,7 +443,8 @@ def main() -> None:
                    normalize=dict(mean=MEAN, std=STD), train_limit=args.train_limit, test_limit=args.test_limit,
                    seed=args.seed, bn="train() during training: batch statistics, running stats updated",
                    lora=dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules=LORA_REGEX, modules_to_save=["classifier"]) if args.mode == "lora"
+                             target_modules=LORA_REGEX, modules_to_save=["classifier"],
+                             train_bn_affine=args.train_bn_affine) if args.mode == "lora"
                    else None),
         trainable_param_names=trainable_names if len(trainable_names) <= 400 else f"{len(trainable_names)} tensors",
         epochs=epochs,

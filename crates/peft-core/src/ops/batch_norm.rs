@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, with_f32};
+use super::{contiguous_f32, with_f32, written_f32};
 
 /// Rows (`batch·h·w` positions) per parallel task.
 const ROWS_PER_TASK: usize = 128;
@@ -117,19 +117,31 @@ fn stats_of(x: &[f32], c: usize) -> BatchStats {
 }
 
 /// `out = act(x·scale + shift)` per channel, in parallel over row blocks.
-fn affine_rows(x: &[f32], scale: &[f32], shift: &[f32], act: ClampAct) -> Vec<f32> {
+fn affine_rows(
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    act: ClampAct,
+) -> candle_core::Result<Vec<f32>> {
     let c = scale.len();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(c * ROWS_PER_TASK)
-        .zip(x.par_chunks(c * ROWS_PER_TASK))
-        .for_each(|(y, x)| {
-            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                for (((y, x), s), t) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                    *y = act.apply(x * s + t);
-                }
-            }
-        });
-    y
+    if c == 0 || !x.len().is_multiple_of(c) || shift.len() != c {
+        candle_core::bail!("batch-norm: {c} channels do not fit {} values", x.len())
+    }
+    // SAFETY: the blocks and their rows of `c` tile the buffer exactly (checked above), and
+    // every element is written once from `x`, never read.
+    Ok(unsafe {
+        written_f32(x.len(), |y| {
+            y.par_chunks_mut(c * ROWS_PER_TASK)
+                .zip(x.par_chunks(c * ROWS_PER_TASK))
+                .for_each(|(y, x)| {
+                    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                        for (((y, x), s), t) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                            *y = act.apply(x * s + t);
+                        }
+                    }
+                })
+        })
+    })
 }
 
 struct BatchNormTrain {
@@ -167,7 +179,7 @@ impl CustomOp3 for BatchNormTrain {
         let w = contiguous_f32(ws, w_l, "batch-norm")?;
         let b = contiguous_f32(bs, b_l, "batch-norm")?;
         let c = w.len();
-        if c == 0 || x.len() % c != 0 || b.len() != c {
+        if c == 0 || !x.len().is_multiple_of(c) || b.len() != c {
             candle_core::bail!("batch-norm: {c} channels do not fit input {:?}", x_l.dims())
         }
         let stats = stats_of(x, c);
@@ -180,7 +192,7 @@ impl CustomOp3 for BatchNormTrain {
             .zip(b)
             .map(|((m, s), b)| b - m * s)
             .collect();
-        let y = affine_rows(x, &scale, &shift, self.act);
+        let y = affine_rows(x, &scale, &shift, self.act)?;
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
         Ok((CpuStorage::F32(y), x_l.shape().clone()))
     }
@@ -197,70 +209,90 @@ impl CustomOp3 for BatchNormTrain {
             candle_core::bail!("batch-norm: backward before forward")
         };
         let c = w.elem_count();
+        let len = x.elem_count();
+        if c == 0 || len != c * stats.rows || res.elem_count() != len || grad.elem_count() != len {
+            candle_core::bail!(
+                "batch-norm backward: input {:?}, output {:?} and gradient {:?} do not match {c} channels",
+                x.dims(),
+                res.dims(),
+                grad.dims()
+            )
+        }
+        // The input needs no gradient where nothing before it is trained (the stem's BatchNorm).
+        let track_x = x.track_op();
         let wv = w.to_vec1::<f32>()?;
         let inv = self.inv_std(&stats);
         let (rows, n) = (stats.rows, stats.rows.max(1) as f64);
         let ((lo, hi), mean) = (self.act.pass_range(), &stats.mean);
-        let (dx, sum_g, sum_gx) = with_f32(x, |xv| {
-            with_f32(res, |yv| {
-                with_f32(grad, |gv| {
-                    // Σ g' and Σ g'·x̂ per channel, g' = g where the activation passes.
-                    let [sum_g, sum_gx] = channel_sums::<2>(rows, c, |range, [sg, sgx]| {
-                        let span = range.start * c..range.end * c;
-                        for ((xr, yr), gr) in xv[span.clone()]
-                            .chunks_exact(c)
-                            .zip(yv[span.clone()].chunks_exact(c))
-                            .zip(gv[span].chunks_exact(c))
-                        {
-                            let channels =
-                                xr.iter().zip(yr).zip(gr).zip(mean.iter()).zip(inv.iter());
-                            for (((((x, y), g), m), i), (sg, sgx)) in
-                                channels.zip(sg.iter_mut().zip(sgx.iter_mut()))
+        let (dx, sum_g, sum_gx) =
+            with_f32(x, |xv| {
+                with_f32(res, |yv| {
+                    with_f32(grad, |gv| {
+                        // Σ g' and Σ g'·x̂ per channel, g' = g where the activation passes.
+                        let [sum_g, sum_gx] = channel_sums::<2>(rows, c, |range, [sg, sgx]| {
+                            let span = range.start * c..range.end * c;
+                            for ((xr, yr), gr) in xv[span.clone()]
+                                .chunks_exact(c)
+                                .zip(yv[span.clone()].chunks_exact(c))
+                                .zip(gv[span].chunks_exact(c))
                             {
-                                let g = *g * ((*y > lo) & (*y < hi)) as u8 as f32;
-                                *sg += g;
-                                *sgx += g * (x - m) * i;
-                            }
-                        }
-                    });
-                    // dx = w·inv·(g' − Σg'/n − x̂·Σg'x̂/n)
-                    let k: Vec<f32> = wv.iter().zip(&inv).map(|(w, i)| w * i).collect();
-                    let mg: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
-                    let mgx: Vec<f32> = sum_gx.iter().map(|s| (s / n) as f32).collect();
-                    let mut dx = vec![0f32; xv.len()];
-                    let block = c * ROWS_PER_TASK;
-                    dx.par_chunks_mut(block)
-                        .zip(xv.par_chunks(block))
-                        .zip(yv.par_chunks(block).zip(gv.par_chunks(block)))
-                        .for_each(|((dx, x), (y, g))| {
-                            for (((dr, xr), yr), gr) in dx
-                                .chunks_exact_mut(c)
-                                .zip(x.chunks_exact(c))
-                                .zip(y.chunks_exact(c))
-                                .zip(g.chunks_exact(c))
-                            {
-                                let coef =
-                                    k.iter().zip(&mg).zip(&mgx).zip(mean.iter()).zip(inv.iter());
-                                for (((d, x), y), g) in dr
-                                    .iter_mut()
-                                    .zip(xr)
-                                    .zip(yr)
-                                    .zip(gr)
-                                    .zip(coef)
-                                    .map(|((((d, x), y), g), c)| (((d, x), y), (g, c)))
+                                let channels =
+                                    xr.iter().zip(yr).zip(gr).zip(mean.iter()).zip(inv.iter());
+                                for (((((x, y), g), m), i), (sg, sgx)) in
+                                    channels.zip(sg.iter_mut().zip(sgx.iter_mut()))
                                 {
-                                    let (g, ((((k, mg), mgx), m), i)) = g;
                                     let g = *g * ((*y > lo) & (*y < hi)) as u8 as f32;
-                                    *d = k * (g - mg - (x - m) * i * mgx);
+                                    *sg += g;
+                                    *sgx += g * (x - m) * i;
                                 }
                             }
                         });
-                    (dx, sum_g, sum_gx)
+                        // dx = w·inv·(g' − Σg'/n − x̂·Σg'x̂/n)
+                        let k: Vec<f32> = wv.iter().zip(&inv).map(|(w, i)| w * i).collect();
+                        let mg: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
+                        let mgx: Vec<f32> = sum_gx.iter().map(|s| (s / n) as f32).collect();
+                        let block = c * ROWS_PER_TASK;
+                        let fill =
+                            |dx: &mut [f32]| {
+                                dx.par_chunks_mut(block)
+                                    .zip(xv.par_chunks(block))
+                                    .zip(yv.par_chunks(block).zip(gv.par_chunks(block)))
+                                    .for_each(|((dx, x), (y, g))| {
+                                        for (((dr, xr), yr), gr) in dx
+                                            .chunks_exact_mut(c)
+                                            .zip(x.chunks_exact(c))
+                                            .zip(y.chunks_exact(c))
+                                            .zip(g.chunks_exact(c))
+                                        {
+                                            let coef = k
+                                                .iter()
+                                                .zip(&mg)
+                                                .zip(&mgx)
+                                                .zip(mean.iter())
+                                                .zip(inv.iter());
+                                            for (((d, x), y), g) in
+                                                dr.iter_mut().zip(xr).zip(yr).zip(gr).zip(coef).map(
+                                                    |((((d, x), y), g), c)| (((d, x), y), (g, c)),
+                                                )
+                                            {
+                                                let (g, ((((k, mg), mgx), m), i)) = g;
+                                                let g = *g * ((*y > lo) & (*y < hi)) as u8 as f32;
+                                                *d = k * (g - mg - (x - m) * i * mgx);
+                                            }
+                                        }
+                                    })
+                            };
+                        // SAFETY: x, y and g have the same length, a multiple of c (checked before),
+                        // so the blocks and rows tile dx exactly; each element is written, never read.
+                        let dx = track_x.then(|| unsafe { written_f32(xv.len(), fill) });
+                        (dx, sum_g, sum_gx)
+                    })
                 })
-            })
-        })???;
+            })???;
         let dev = x.device();
-        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?;
         let to_t =
             |v: &[f64]| Tensor::from_vec(v.iter().map(|s| *s as f32).collect::<Vec<_>>(), c, dev);
         let dw = if self.grads.0 {
@@ -273,7 +305,7 @@ impl CustomOp3 for BatchNormTrain {
         } else {
             None
         };
-        Ok((Some(dx), dw, db))
+        Ok((dx, dw, db))
     }
 }
 
@@ -367,37 +399,41 @@ impl CustomOp1 for AffineAct {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "affine-activation")?;
-        if self.scale.is_empty() || x.len() % self.scale.len() != 0 {
-            candle_core::bail!(
-                "affine-activation: {} channels do not fit {:?}",
-                self.scale.len(),
-                l.dims()
-            )
-        }
-        let y = affine_rows(x, &self.scale, &self.shift, self.act);
+        let y = affine_rows(x, &self.scale, &self.shift, self.act)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (c, (lo, hi), scale) = (self.scale.len(), self.act.pass_range(), &self.scale);
+        let len = res.elem_count();
+        if c == 0 || !len.is_multiple_of(c) || grad.elem_count() != len {
+            candle_core::bail!(
+                "affine-activation backward: output {:?} and gradient {:?} do not match {c} channels",
+                res.dims(),
+                grad.dims()
+            )
+        }
         let dx = with_f32(res, |yv| {
             with_f32(grad, |gv| {
-                let mut dx = vec![0f32; yv.len()];
                 let block = c * ROWS_PER_TASK;
-                dx.par_chunks_mut(block)
-                    .zip(yv.par_chunks(block).zip(gv.par_chunks(block)))
-                    .for_each(|(dx, (y, g))| {
-                        for ((dr, yr), gr) in dx
-                            .chunks_exact_mut(c)
-                            .zip(y.chunks_exact(c))
-                            .zip(g.chunks_exact(c))
-                        {
-                            for (((d, y), g), s) in dr.iter_mut().zip(yr).zip(gr).zip(scale) {
-                                *d = g * s * ((*y > lo) & (*y < hi)) as u8 as f32;
+                let fill = |dx: &mut [f32]| {
+                    dx.par_chunks_mut(block)
+                        .zip(yv.par_chunks(block).zip(gv.par_chunks(block)))
+                        .for_each(|(dx, (y, g))| {
+                            for ((dr, yr), gr) in dx
+                                .chunks_exact_mut(c)
+                                .zip(y.chunks_exact(c))
+                                .zip(g.chunks_exact(c))
+                            {
+                                for (((d, y), g), s) in dr.iter_mut().zip(yr).zip(gr).zip(scale) {
+                                    *d = g * s * ((*y > lo) & (*y < hi)) as u8 as f32;
+                                }
                             }
-                        }
-                    });
-                dx
+                        })
+                };
+                // SAFETY: y and g have the same length, a multiple of c (checked above), so the
+                // blocks and rows tile dx exactly; each element is written once, never read.
+                unsafe { written_f32(yv.len(), fill) }
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))

@@ -155,11 +155,17 @@ impl candle_core::CustomOp1 for DropoutOp {
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         let x = super::contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (y, x))| dropout_block(y, x, self.seed, (c * CHUNK) as u64, self.keep));
+        // SAFETY: the chunks of y pair with equal chunks of x; dropout_block writes every element.
+        let y = unsafe {
+            super::written_f32(x.len(), |y| {
+                y.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (y, x))| {
+                        dropout_block(y, x, self.seed, (c * CHUNK) as u64, self.keep)
+                    })
+            })
+        };
         Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -77,23 +77,32 @@ pub(super) fn product(
     let (m, k) = lhs_l.shape().dims2()?;
     let x = MatRef::new(contiguous_f32(lhs, lhs_l, op)?, m, k);
     let n = b.cols;
-    let mut out = match row_init {
-        Some(init) if init.len() == n => init.repeat(m),
-        Some(init) => candle_core::bail!("{op}: {} bias values for {n} outputs", init.len()),
-        None => vec![0f32; m * n],
-    };
-    let dst = MatMut {
-        data: &mut out,
-        rows: m,
-        cols: n,
-        row_stride: n,
-    };
     let accumulate = row_init.is_some();
-    if amx {
-        amx::gemm_bf16(dst, x, &PackedB::pack(b), accumulate)?;
-    } else {
-        super::gemm::gemm_into(dst, x, b, 1.0, accumulate, true)?;
-    }
+    let run = |data: &mut [f32]| {
+        let dst = MatMut {
+            data,
+            rows: m,
+            cols: n,
+            row_stride: n,
+        };
+        if amx {
+            amx::gemm_bf16(dst, x, &PackedB::pack(b), accumulate)
+        } else {
+            super::gemm::gemm_into(dst, x, b, 1.0, accumulate, true)
+        }
+    };
+    let out = match row_init {
+        Some(init) if init.len() == n => {
+            let mut out = init.repeat(m);
+            run(&mut out)?;
+            out
+        }
+        Some(init) => candle_core::bail!("{op}: {} bias values for {n} outputs", init.len()),
+        // SAFETY: without `accumulate` the GEMM writes every element of the m × n dst (row
+        // stride n: the whole buffer) and reads none: the gemm crate with read_dst false, MKL
+        // with beta 0, AMX copying each block; a product with k = 0 is zero-filled.
+        None => unsafe { super::try_written_f32(m * n, run)? },
+    };
     Ok(CpuStorage::F32(out))
 }
 

@@ -4,7 +4,7 @@
 //! (max abs error 2e-7 in f32: its series below 1, Abramowitz & Stegun 7.1.26 above) and a vectorised exp over parallel chunks.
 
 use super::vmath::{erf, exp, simd_kernel};
-use super::{contiguous_f32, fused_kernels};
+use super::{contiguous_f32, fused_kernels, written_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -42,10 +42,14 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| gelu_block(y, x));
+        // SAFETY: the chunks of y pair with equal chunks of x; gelu_block writes every element.
+        let y = unsafe {
+            written_f32(x.len(), |y| {
+                y.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(y, x)| gelu_block(y, x))
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -82,10 +86,21 @@ impl CustomOp2 for GeluBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(xs, xl, self.name())?;
         let g = contiguous_f32(gs, gl, self.name())?;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| gelu_backward_block(d, x, g));
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "gelu backward: gradient {:?} for input {:?}",
+                gl.dims(),
+                xl.dims()
+            )
+        }
+        // SAFETY: dx, x and g have one length; gelu_backward_block writes every element.
+        let dx = unsafe {
+            written_f32(x.len(), |dx| {
+                dx.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|(d, (x, g))| gelu_backward_block(d, x, g))
+            })
+        };
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 

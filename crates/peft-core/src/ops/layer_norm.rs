@@ -3,7 +3,7 @@
 //! trainable one also `dγ = Σ dy·x̂` and `dβ = Σ dy`. Elsewhere (f64, half types on the CPU)
 //! [`layer_norm`] falls back to composite candle ops, which give every gradient.
 
-use super::contiguous_f32;
+use super::{contiguous_f32, written_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -30,51 +30,73 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// `(x − mean)·rstd·γ + β` for every row of `x`.
-fn normalize_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+fn normalize_rows(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> candle_core::Result<Vec<f32>> {
     let h = gamma.len();
-    let mut out = vec![0f32; x.len()];
-    x.par_chunks(ROWS_PER_TASK * h)
-        .zip(out.par_chunks_mut(ROWS_PER_TASK * h))
-        .for_each(|(rows, outs)| {
-            for (row, o) in rows.chunks_exact(h).zip(outs.chunks_exact_mut(h)) {
-                let (mean, rstd) = row_stats(row, eps);
-                for i in 0..h {
-                    o[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
-                }
-            }
-        });
-    out
+    if h == 0 || !x.len().is_multiple_of(h) || beta.len() != h {
+        candle_core::bail!("layer norm: {h} features do not fit {} values", x.len())
+    }
+    // SAFETY: the blocks and rows of h tile the buffer exactly (checked above); each element
+    // is written once, never read.
+    Ok(unsafe {
+        written_f32(x.len(), |out| {
+            x.par_chunks(ROWS_PER_TASK * h)
+                .zip(out.par_chunks_mut(ROWS_PER_TASK * h))
+                .for_each(|(rows, outs)| {
+                    for (row, o) in rows.chunks_exact(h).zip(outs.chunks_exact_mut(h)) {
+                        let (mean, rstd) = row_stats(row, eps);
+                        for i in 0..h {
+                            o[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
+                        }
+                    }
+                })
+        })
+    })
 }
 
 /// `dx = rstd · (g' − mean(g') − x̂ · mean(g'·x̂))` with `g' = dy·γ`, for every row.
-fn input_grad_rows(x: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+fn input_grad_rows(x: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> candle_core::Result<Vec<f32>> {
     let h = gamma.len();
-    let mut dx = vec![0f32; x.len()];
-    x.par_chunks(ROWS_PER_TASK * h)
-        .zip(g.par_chunks(ROWS_PER_TASK * h))
-        .zip(dx.par_chunks_mut(ROWS_PER_TASK * h))
-        .for_each(|((rows, grads), drows)| {
-            let mut gg = vec![0f32; h];
-            for ((row, grow), drow) in rows
-                .chunks_exact(h)
-                .zip(grads.chunks_exact(h))
-                .zip(drows.chunks_exact_mut(h))
-            {
-                let (mean, rstd) = row_stats(row, eps);
-                let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
-                for i in 0..h {
-                    gg[i] = grow[i] * gamma[i];
-                    sum_gg += gg[i];
-                    sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
+    if h == 0 || !x.len().is_multiple_of(h) || g.len() != x.len() {
+        candle_core::bail!(
+            "layer norm backward: {h} features, {} inputs, {} gradients",
+            x.len(),
+            g.len()
+        )
+    }
+    let fill = |dx: &mut [f32]| {
+        x.par_chunks(ROWS_PER_TASK * h)
+            .zip(g.par_chunks(ROWS_PER_TASK * h))
+            .zip(dx.par_chunks_mut(ROWS_PER_TASK * h))
+            .for_each(|((rows, grads), drows)| {
+                let mut gg = vec![0f32; h];
+                for ((row, grow), drow) in rows
+                    .chunks_exact(h)
+                    .zip(grads.chunks_exact(h))
+                    .zip(drows.chunks_exact_mut(h))
+                {
+                    let (mean, rstd) = row_stats(row, eps);
+                    let (mut sum_gg, mut sum_gg_xhat) = (0f32, 0f32);
+                    for i in 0..h {
+                        gg[i] = grow[i] * gamma[i];
+                        sum_gg += gg[i];
+                        sum_gg_xhat += gg[i] * (row[i] - mean) * rstd;
+                    }
+                    let (mean_gg, mean_gg_xhat) = (sum_gg / h as f32, sum_gg_xhat / h as f32);
+                    for i in 0..h {
+                        let xhat = (row[i] - mean) * rstd;
+                        drow[i] = rstd * (gg[i] - mean_gg - xhat * mean_gg_xhat);
+                    }
                 }
-                let (mean_gg, mean_gg_xhat) = (sum_gg / h as f32, sum_gg_xhat / h as f32);
-                for i in 0..h {
-                    let xhat = (row[i] - mean) * rstd;
-                    drow[i] = rstd * (gg[i] - mean_gg - xhat * mean_gg_xhat);
-                }
-            }
-        });
-    dx
+            })
+    };
+    // SAFETY: x, g and dx have one length, a multiple of h (checked above), so the blocks and
+    // rows tile dx exactly; each element is written once, never read.
+    Ok(unsafe { written_f32(x.len(), fill) })
 }
 
 /// `(dγ, dβ) = (Σ dy·x̂, Σ dy)` over the rows, `h` features each.
@@ -107,7 +129,7 @@ impl CustomOp1 for FrozenLayerNorm {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let (gamma, beta) = (host_f32(&self.gamma)?, host_f32(&self.beta)?);
-        let out = normalize_rows(x, &gamma, &beta, self.eps);
+        let out = normalize_rows(x, &gamma, &beta, self.eps)?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -153,7 +175,7 @@ impl CustomOp2 for FrozenLayerNormBackward {
         let x = contiguous_f32(xs, xl, self.name())?;
         let g = contiguous_f32(gs, gl, self.name())?;
         let gamma = host_f32(&self.gamma)?;
-        let dx = input_grad_rows(x, g, &gamma, self.eps);
+        let dx = input_grad_rows(x, g, &gamma, self.eps)?;
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 
@@ -191,7 +213,7 @@ impl CustomOp3 for TrainableLayerNorm {
         let x = contiguous_f32(xs, xl, self.name())?;
         let gamma = contiguous_f32(gs, gl, self.name())?;
         let beta = contiguous_f32(bs, bl, self.name())?;
-        let out = normalize_rows(x, gamma, beta, self.eps);
+        let out = normalize_rows(x, gamma, beta, self.eps)?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 

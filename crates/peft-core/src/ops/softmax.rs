@@ -3,7 +3,7 @@
 //! one fused op as well.
 
 use super::vmath::{self, simd_kernel};
-use super::{contiguous_f32, fused_kernels};
+use super::{contiguous_f32, fused_kernels, written_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -83,23 +83,38 @@ impl CustomOp1 for MaskedSoftmax {
             },
             None => None,
         };
-        let mut out = vec![0f32; x.len()];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(Vec::new()), l.shape().clone()));
+        }
+        let rows = x.len() / keys;
+        if let Some(m) = mask {
+            if self.rows_per_batch == 0 || m.len() < rows.div_ceil(self.rows_per_batch) * keys {
+                candle_core::bail!(
+                    "masked-softmax: a mask of {} values for {:?}",
+                    m.len(),
+                    l.dims()
+                )
+            }
         }
         let block = keys * ROWS_PER_TASK;
-        out.par_chunks_mut(block)
-            .zip(x.par_chunks(block))
-            .enumerate()
-            .for_each(|(task, (out, x))| {
-                let rows = RowMask {
-                    mask,
-                    keys,
-                    first_row: task * ROWS_PER_TASK,
-                    rows_per_batch: self.rows_per_batch,
-                };
-                softmax_rows(out, x, rows, self.scale)
-            });
+        // SAFETY: x's length is rows·keys, so the blocks and rows of `keys` tile out exactly;
+        // softmax_rows writes each row (scores, then exp) before it reads it back.
+        let out = unsafe {
+            written_f32(x.len(), |out| {
+                out.par_chunks_mut(block)
+                    .zip(x.par_chunks(block))
+                    .enumerate()
+                    .for_each(|(task, (out, x))| {
+                        let rows = RowMask {
+                            mask,
+                            keys,
+                            first_row: task * ROWS_PER_TASK,
+                            rows_per_batch: self.rows_per_batch,
+                        };
+                        softmax_rows(out, x, rows, self.scale)
+                    })
+            })
+        };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -138,14 +153,26 @@ impl CustomOp2 for SoftmaxBackward {
         let p = contiguous_f32(ps, pl, self.name())?;
         let g = contiguous_f32(gs, gl, self.name())?;
         let keys = pl.dims()[pl.dims().len() - 1];
-        let mut dx = vec![0f32; p.len()];
-        if dx.is_empty() {
-            return Ok((CpuStorage::F32(dx), pl.shape().clone()));
+        if p.is_empty() {
+            return Ok((CpuStorage::F32(Vec::new()), pl.shape().clone()));
+        }
+        if g.len() != p.len() {
+            candle_core::bail!(
+                "softmax backward: gradient {:?} for {:?}",
+                gl.dims(),
+                pl.dims()
+            )
         }
         let block = keys * ROWS_PER_TASK;
-        dx.par_chunks_mut(block)
-            .zip(p.par_chunks(block).zip(g.par_chunks(block)))
-            .for_each(|(dx, (p, g))| softmax_backward_rows(dx, p, g, keys, self.scale));
+        // SAFETY: p, g and dx have one length, rows·keys, so the blocks and rows tile dx
+        // exactly; softmax_backward_rows writes every element and reads none.
+        let dx = unsafe {
+            written_f32(p.len(), |dx| {
+                dx.par_chunks_mut(block)
+                    .zip(p.par_chunks(block).zip(g.par_chunks(block)))
+                    .for_each(|(dx, (p, g))| softmax_backward_rows(dx, p, g, keys, self.scale))
+            })
+        };
         Ok((CpuStorage::F32(dx), pl.shape().clone()))
     }
 

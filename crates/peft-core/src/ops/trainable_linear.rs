@@ -93,7 +93,6 @@ fn backward(
     }
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let mut dw = vec![0f32; out_features * in_features];
     let (g_storage, g_l) = g.storage_and_layout();
     let (x_storage, x_l) = x.storage_and_layout();
     let (w_storage, w_l) = w.storage_and_layout();
@@ -106,26 +105,32 @@ fn backward(
         out_features,
         in_features,
     );
+    // SAFETY (both products): without accumulate the GEMM writes every element of its
+    // contiguous destination (row stride = columns: the whole buffer) and reads none.
     let dx = if want_dx {
-        let mut dx = vec![0f32; rows * in_features];
-        let dst = MatMut {
-            data: &mut dx,
-            rows,
-            cols: in_features,
-            row_stride: in_features,
+        let product = |data: &mut [f32]| {
+            let dst = MatMut {
+                data,
+                rows,
+                cols: in_features,
+                row_stride: in_features,
+            };
+            gemm_into(dst, g2, w2, 1.0, false, true)
         };
-        gemm_into(dst, g2, w2, 1.0, false, true)?;
-        Some(dx)
+        Some(unsafe { super::try_written_f32(rows * in_features, product)? })
     } else {
         None
     };
-    let dw_dst = MatMut {
-        data: &mut dw,
-        rows: out_features,
-        cols: in_features,
-        row_stride: in_features,
+    let weight_product = |data: &mut [f32]| {
+        let dst = MatMut {
+            data,
+            rows: out_features,
+            cols: in_features,
+            row_stride: in_features,
+        };
+        gemm_into(dst, g2.t(), x2, 1.0, false, true)
     };
-    gemm_into(dw_dst, g2.t(), x2, 1.0, false, true)?;
+    let dw = unsafe { super::try_written_f32(out_features * in_features, weight_product)? };
     let db = with_bias.then(|| column_sums(gs, out_features));
     let device = x.device();
     let dx = dx
