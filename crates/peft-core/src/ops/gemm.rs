@@ -170,6 +170,29 @@ pub(crate) fn gemm_into(
     Ok(())
 }
 
+/// `scale · lhs · rhs` into a new contiguous `lhs.rows × rhs.cols` buffer, on all of rayon's
+/// threads, without zero-filling the buffer first.
+pub(crate) fn gemm_new(
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    scale: f32,
+) -> candle_core::Result<Vec<f32>> {
+    let (rows, cols) = (lhs.rows, rhs.cols);
+    let product = |data: &mut [f32]| {
+        let dst = MatMut {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        };
+        gemm_into(dst, lhs, rhs, scale, false, true)
+    };
+    // SAFETY: without `accumulate`, gemm_into writes every element of the contiguous rows × cols
+    // dst (row stride = cols: the whole buffer) and reads none: the gemm crate with read_dst
+    // false, MKL with beta 0, and a product with k = 0 zero-filled by settle_empty_product.
+    unsafe { super::try_written_f32(rows * cols, product) }
+}
+
 /// The product on MKL, its rows split evenly over rayon's threads when `parallel` (MKL itself
 /// runs sequentially). The views were checked to fit.
 fn mkl_rows(

@@ -97,13 +97,16 @@ fn with_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_c
 /// `&mut [f32]` over uninitialised memory is only a problem if it is read: f32 has no invalid
 /// bit patterns and nothing else may observe the buffer before it is returned.)
 unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
-    let mut out = Vec::<f32>::with_capacity(len);
-    // SAFETY: the capacity holds `len` properly aligned f32 slots owned by `out`.
-    let slots = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), len) };
-    fill(slots);
-    // SAFETY: the caller guarantees that `fill` initialised all `len` elements.
-    unsafe { out.set_len(len) };
-    out
+    // SAFETY: the caller's guarantee, for a fill that cannot fail.
+    let fill = |slots: &mut [f32]| {
+        fill(slots);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let written = unsafe { try_written_f32(len, fill) };
+    match written {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
 }
 
 /// [`written_f32`] for a fill that can fail (a GEMM checking its operands): on an error the
@@ -112,10 +115,10 @@ unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
 /// # Safety
 /// Where `fill` returns `Ok`, it must have written every one of the `len` elements, reading
 /// none before writing it.
-unsafe fn try_written_f32(
+unsafe fn try_written_f32<E>(
     len: usize,
-    fill: impl FnOnce(&mut [f32]) -> candle_core::Result<()>,
-) -> candle_core::Result<Vec<f32>> {
+    fill: impl FnOnce(&mut [f32]) -> Result<(), E>,
+) -> Result<Vec<f32>, E> {
     let mut out = Vec::<f32>::with_capacity(len);
     // SAFETY: the capacity holds `len` properly aligned f32 slots owned by `out`.
     let slots = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), len) };

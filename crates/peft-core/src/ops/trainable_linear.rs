@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{gemm_into, MatMut, MatRef};
+use super::gemm::{gemm_new, MatRef};
 
 /// Rows per task of the bias-gradient sum.
 const BIAS_ROWS_PER_TASK: usize = 256;
@@ -105,32 +105,8 @@ fn backward(
         out_features,
         in_features,
     );
-    // SAFETY (both products): without accumulate the GEMM writes every element of its
-    // contiguous destination (row stride = columns: the whole buffer) and reads none.
-    let dx = if want_dx {
-        let product = |data: &mut [f32]| {
-            let dst = MatMut {
-                data,
-                rows,
-                cols: in_features,
-                row_stride: in_features,
-            };
-            gemm_into(dst, g2, w2, 1.0, false, true)
-        };
-        Some(unsafe { super::try_written_f32(rows * in_features, product)? })
-    } else {
-        None
-    };
-    let weight_product = |data: &mut [f32]| {
-        let dst = MatMut {
-            data,
-            rows: out_features,
-            cols: in_features,
-            row_stride: in_features,
-        };
-        gemm_into(dst, g2.t(), x2, 1.0, false, true)
-    };
-    let dw = unsafe { super::try_written_f32(out_features * in_features, weight_product)? };
+    let dx = want_dx.then(|| gemm_new(g2, w2, 1.0)).transpose()?;
+    let dw = gemm_new(g2.t(), x2, 1.0)?;
     let db = with_bias.then(|| column_sums(gs, out_features));
     let device = x.device();
     let dx = dx
