@@ -4,7 +4,10 @@
 # with and without its MLP) on the tiny test BERT, checked by tests/fixtures/methods/check_peft_loads.py
 # (PeftModel.from_pretrained, no missing/unexpected keys, logits within 1e-4); and the merged
 # checkpoints of the mergeable ones load in plain transformers with the same logits
-# (tests/fixtures/methods/check_merged_loads.py).
+# (tests/fixtures/methods/check_merged_loads.py). The same for images: the shipped MobileNetV2
+# adapter in Python peft and its merged state dict in torchvision (tests/fixtures/vision/
+# check_cnn_adapter.py), and a merged ViT and DINOv2 LoRA classifier in plain transformers
+# (tests/fixtures/vit/check_merged_vit.py).
 # The other direction (peft's files in peft-rs) is crates/peft-models/tests/methods_parity.rs.
 #
 #   scripts/check-peft-interop.sh        # installs the pinned Python env (scripts/python-env.sh) first
@@ -27,6 +30,16 @@ for logits in "$out"/*.safetensors; do
     if ! "$VENV/bin/python" tests/fixtures/methods/check_merged_loads.py "$out/merged_$case" "$logits"; then
       failed+=("merged_$case")
     fi
+  fi
+done
+# Vision transformers: a ViT and a DINOv2 LoRA classifier merged by peft-rs (the folder
+# `peft-rs merge` writes) in plain transformers, against peft-rs's logits before the merge.
+cargo run --quiet --release --example export_merged_vision -- "$out/vision"
+for model in vit dinov2; do
+  echo "::: merged_$model (peft-rs merge's checkpoint in plain transformers)"
+  if ! "$VENV/bin/python" tests/fixtures/vit/check_merged_vit.py "$out/vision/merged_$model" \
+      "$out/vision/${model}_logits.safetensors"; then
+    failed+=("merged_$model")
   fi
 done
 # Vision: the shipped MobileNetV2 adapter (LoRA on 1x1 convolutions, new head, BatchNorm state in

@@ -148,13 +148,34 @@ fn vit_recipe_trains_reloads_evaluates_and_predicts() {
         .keys()
         .any(|k| k == "base_model.model.vit.layers.0.attention.q_proj.lora_A.weight"));
     assert!(st.keys().any(|k| k == "base_model.model.classifier.weight"));
-    // Merging is for the torchvision CNNs; a ViT adapter gets a clear refusal.
+    // Merged into a plain Hugging Face ViT checkpoint: the trained head, no adapter keys, and
+    // transformers 4's key names (what the Hub and `save_pretrained` use).
     let merged = tmp.path().join("merged");
-    fails(
-        &["merge", "--adapter", a, "--out", merged.to_str().unwrap()],
-        &["torchvision CNNs", "vit_tiny"],
+    let out = ok(&["merge", "--adapter", a, "--out", merged.to_str().unwrap()]);
+    assert!(out.contains("Hugging Face layout"), "{out}");
+    let st =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(st["classifier.weight"].dims(), [3, 32]);
+    assert!(st.keys().all(|k| !k.contains("lora_")), "adapter keys left");
+    assert!(st
+        .keys()
+        .any(|k| k == "vit.encoder.layer.1.attention.attention.query.weight"));
+    assert!(st
+        .keys()
+        .any(|k| k == "vit.encoder.layer.0.output.dense.bias"));
+    assert!(
+        st.keys()
+            .all(|k| !k.contains("_proj.") && !k.contains(".layers.")),
+        "transformers 5 names in {:?}",
+        st.keys().collect::<Vec<_>>()
     );
-    assert!(!merged.exists(), "nothing is written on refusal");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "ViTForImageClassification");
+    assert_eq!(config["id2label"]["2"], "red");
+    assert_eq!(config["num_labels"], 3);
 }
 
 #[test]

@@ -120,12 +120,14 @@ enum Command {
         #[arg(long)]
         phases: bool,
     },
-    /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
+    /// Fold an adapter into its base and write a plain checkpoint: Hugging Face for BERT, ViT and
+    /// DINOv2 (loads in transformers without peft), a torchvision state dict for CNNs.
     Merge {
         /// The adapter folder.
         #[arg(long)]
         adapter: PathBuf,
-        /// The output folder (config.json, model.safetensors, tokenizer).
+        /// The output folder (model.safetensors, config.json, and the base's tokenizer or
+        /// preprocessor files).
         #[arg(long)]
         out: PathBuf,
         /// Base model id or folder, instead of the one in adapter_config.json.

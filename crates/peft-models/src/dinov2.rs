@@ -8,10 +8,10 @@
 //!
 //! As for ViT, transformers 5.24 converts the transformers 4 checkpoint names
 //! (`attention.attention.{query,key,value}`, `attention.output.dense`) when loading and back when
-//! saving; [`dinov2_weights`] does the same. The position table is always fitted to the input's
-//! patch grid (bicubic, `size=`, no antialias, in f32, as `Dinov2Embeddings` in 5.24). The
-//! SwiGLU MLP (`use_swiglu_ffn`) and `bool_masked_pos` are not supported (the mask token is
-//! loaded, not used).
+//! saving; [`dinov2_weights`] does the same, [`legacy_dinov2_key`] the way back. The position
+//! table is always fitted to the input's patch grid (bicubic, `size=`, no antialias, in f32, as
+//! `Dinov2Embeddings` in 5.24). The SwiGLU MLP (`use_swiglu_ffn`) and `bool_masked_pos` are not
+//! supported (the mask token is loaded, not used).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,9 +25,9 @@ use peft_core::{
 use crate::resolve::ModelFiles;
 use crate::vit::num_labels;
 use crate::vit_common::{
-    check_common, checkpoint_head, config_error, convert_sublayer, load_checkpoint, position_table,
-    read_text, set_head, split_legacy_layer, with_cls_and_positions, ConfigReader, Mlp,
-    PatchEmbeddings, SelfAttention,
+    check_common, checkpoint_head, config_error, convert_sublayer, legacy_sublayer,
+    load_checkpoint, position_table, read_text, set_head, split_legacy_layer,
+    with_cls_and_positions, ConfigReader, Mlp, PatchEmbeddings, SelfAttention,
 };
 
 /// The fields of transformers' `Dinov2Config` that the model uses (defaults as transformers').
@@ -337,6 +337,18 @@ pub fn convert_dinov2_key(key: &str) -> String {
             )
         }
         None => key.to_string(),
+    }
+}
+
+/// The inverse of [`convert_dinov2_key`]: a module name (`dinov2.encoder.layer.<i>.attention.
+/// q_proj.weight`) as transformers 4, Hub checkpoints and `save_pretrained` name it
+/// (`...attention.attention.query.weight`); other keys unchanged.
+pub fn legacy_dinov2_key(name: &str) -> String {
+    match split_legacy_layer(name) {
+        Some((prefix, i, rest)) => {
+            format!("{prefix}encoder.layer.{i}.{}", legacy_sublayer(rest, false))
+        }
+        None => name.to_string(),
     }
 }
 

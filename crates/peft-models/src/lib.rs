@@ -26,6 +26,9 @@ pub mod load;
 pub mod merge;
 
 pub use load::{bert_token_classifier, read_bert_config};
-pub use merge::{merged_tensors, write_merged_image_classifier, write_merged_token_classifier};
+pub use merge::{
+    merged_tensors, write_merged_hf_image_classifier, write_merged_image_classifier,
+    write_merged_token_classifier,
+};
 pub mod pth;
 pub use pth::read_pth;

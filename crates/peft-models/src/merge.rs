@@ -1,18 +1,28 @@
-//! Writing a model with its active adapter folded in as a plain checkpoint: a Hugging Face
-//! token classifier (`model.safetensors` + `config.json` + the tokenizer files) that
-//! transformers loads as `BertForTokenClassification` without peft, or an image classifier in
-//! torchvision's state-dict layout (BatchNorm statistics included) that `load_state_dict`
-//! takes with `strict=True`.
+//! Writing a model with its active adapter folded in as a plain checkpoint, without peft:
+//! - a Hugging Face token classifier (`model.safetensors` + `config.json` + the tokenizer files)
+//!   that transformers loads as `BertForTokenClassification`;
+//! - a Hugging Face ViT or DINOv2 image classifier (`model.safetensors` under the transformers 4
+//!   key names that Hub checkpoints and `save_pretrained` use, `config.json`, and the base's
+//!   `preprocessor_config.json`) that transformers 4 and 5 load as `ViTForImageClassification` /
+//!   `Dinov2ForImageClassification`;
+//! - a torchvision CNN in torchvision's state-dict layout (BatchNorm statistics included) that
+//!   `load_state_dict` takes with `strict=True`.
+//!
+//! Every file is written atomically; methods without a merge (prompt and prefix tuning,
+//! bottleneck adapters) are refused before anything is written.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use peft_core::fsio::{write_atomic, write_atomic_with};
-use peft_core::{adapter_io, PeftError, Result, TunedParts};
+use peft_core::{adapter_io, PeftError, Result, TunedParts, WeightSource};
+use serde_json::Value;
 
+use crate::dinov2::{dinov2_weights, legacy_dinov2_key};
 use crate::resolve::ModelFiles;
+use crate::vit::{legacy_vit_key, vit_weights};
 
 /// Tokenizer files copied beside the merged weights when the base has them.
 const TOKENIZER_FILES: [&str; 4] = [
@@ -104,29 +114,136 @@ pub fn write_merged_token_classifier(
             .map_err(|e| PeftError::candle(format!("base tensor `{key}`"), e))
     };
     let tensors = merged_tensors(parts, &stored)?;
+    let mut config = read_config(&files.config)?;
+    set_labels(&mut config, "BertForTokenClassification", id2label);
+    let beside = read_beside(&files.config, &TOKENIZER_FILES)?;
     write_weights(&tensors, out)?;
-    let text =
-        std::fs::read_to_string(&files.config).map_err(|e| PeftError::io(&files.config, e))?;
-    let mut config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| PeftError::io(&files.config, format!("invalid config: {e}")))?;
+    write_config_and_copies(&config, &beside, out)?;
+    Ok(tensors.len())
+}
+
+/// The base's `config.json`, a JSON object; errors name the file.
+fn read_config(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+    match serde_json::from_str(&text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(PeftError::io(path, "invalid config: not a JSON object")),
+        Err(e) => Err(PeftError::io(path, format!("invalid config: {e}"))),
+    }
+}
+
+/// Sets a classifier's `architectures`, `id2label`, `label2id` and `num_labels` in `config`.
+fn set_labels(config: &mut Value, architecture: &str, id2label: &BTreeMap<String, String>) {
     let label2id: BTreeMap<&String, usize> = id2label
         .iter()
         .filter_map(|(id, label)| id.parse().ok().map(|i| (label, i)))
         .collect();
-    config["architectures"] = serde_json::json!(["BertForTokenClassification"]);
+    config["architectures"] = serde_json::json!([architecture]);
     config["id2label"] = serde_json::json!(id2label);
     config["label2id"] = serde_json::json!(label2id);
-    let config_text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    write_atomic(&out.join("config.json"), config_text.as_bytes())?;
-    if let Some(base_dir) = files.config.parent() {
-        for f in TOKENIZER_FILES {
-            let src = base_dir.join(f);
-            if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| PeftError::io(&src, e))?;
-                write_atomic(&out.join(f), &bytes)?;
-            }
+    config["num_labels"] = serde_json::json!(id2label.len());
+}
+
+/// The files among `names` that sit beside `config` (read now, so that nothing is written when
+/// one cannot be read).
+fn read_beside(config: &Path, names: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let Some(dir) = config.parent() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let src = dir.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| PeftError::io(&src, e))?;
+            out.push((name.to_string(), bytes));
         }
     }
+    Ok(out)
+}
+
+/// Writes `config.json` and the copied files to `out`, each atomically.
+fn write_config_and_copies(config: &Value, copies: &[(String, Vec<u8>)], out: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(config).unwrap_or_default();
+    write_atomic(&out.join("config.json"), text.as_bytes())?;
+    for (name, bytes) in copies {
+        write_atomic(&out.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+/// Where a Hugging Face image classifier's tensors go: its transformers class, how its base
+/// checkpoint loads under module names, and a module name's key in a checkpoint.
+struct HfImageLayout {
+    architecture: &'static str,
+    weights: fn(&[PathBuf]) -> Result<WeightSource>,
+    checkpoint_key: fn(&str) -> String,
+}
+
+/// The layout of the model whose config (at `path`) says `model_type`.
+fn hf_image_layout(config: &Value, path: &Path) -> Result<HfImageLayout> {
+    match config.get("model_type").and_then(Value::as_str) {
+        Some("vit") => Ok(HfImageLayout {
+            architecture: "ViTForImageClassification",
+            weights: vit_weights,
+            checkpoint_key: legacy_vit_key,
+        }),
+        Some("dinov2") => Ok(HfImageLayout {
+            architecture: "Dinov2ForImageClassification",
+            weights: dinov2_weights,
+            checkpoint_key: legacy_dinov2_key,
+        }),
+        other => Err(PeftError::Config {
+            key: "model_type".into(),
+            message: format!(
+                "{}: merging writes ViT and DINOv2 image classifiers (model_type vit, dinov2), \
+                 not {}",
+                path.display(),
+                other.map_or("a config without one".into(), |t| format!("`{t}`"))
+            ),
+        }),
+    }
+}
+
+/// Writes the merged checkpoint of a Hugging Face ViT or DINOv2 image classifier (base files
+/// `files`) with labels `id2label` to `out`: `model.safetensors` in f32 under the transformers 4
+/// key names (`vit.encoder.layer.<i>.attention.attention.query.weight`, ...) that transformers 4
+/// and 5 both load, the base `config.json` naming `ViTForImageClassification` /
+/// `Dinov2ForImageClassification` and the classes, and the base's `preprocessor_config.json`
+/// when it has one; each file atomically. Returns the number of tensors.
+pub fn write_merged_hf_image_classifier(
+    parts: &TunedParts,
+    files: &ModelFiles,
+    id2label: &BTreeMap<String, String>,
+    out: &Path,
+) -> Result<usize> {
+    let mut config = read_config(&files.config)?;
+    let layout = hf_image_layout(&config, &files.config)?;
+    let base = (layout.weights)(&files.weights)?;
+    let stored = |key: &str| base.load_stored(key);
+    let mut tensors = BTreeMap::new();
+    for (name, t) in merged_tensors(parts, &stored)? {
+        let key = (layout.checkpoint_key)(&name);
+        let t = if t.dtype().is_float() {
+            t.to_dtype(DType::F32)?
+        } else {
+            t
+        };
+        if tensors.insert(key.clone(), t).is_some() {
+            return Err(PeftError::Config {
+                key,
+                message: "two tensors of the merged model map to this checkpoint key".into(),
+            });
+        }
+    }
+    set_labels(&mut config, layout.architecture, id2label);
+    for key in ["torch_dtype", "dtype"] {
+        if config.get(key).is_some_and(|v| !v.is_null()) {
+            config[key] = Value::from("float32");
+        }
+    }
+    let beside = read_beside(&files.config, &["preprocessor_config.json"])?;
+    write_weights(&tensors, out)?;
+    write_config_and_copies(&config, &beside, out)?;
     Ok(tensors.len())
 }
 

@@ -10,7 +10,7 @@
 //! when loading (its `ViTModel` conversion mapping) and back when saving: Hub checkpoints and
 //! `save_pretrained` output keep the old names, while the modules, and so peft's keys and
 //! `target_modules`, carry the new ones (`q_proj`, `v_proj`). [`vit_weights`] does the same
-//! conversion. The pooler of `ViTModel` (unused by the classifier) is not built.
+//! conversion, and [`legacy_vit_key`] the way back (for merged checkpoints). The pooler of `ViTModel` (unused by the classifier) is not built.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,9 +23,9 @@ use peft_core::{
 
 use crate::resolve::ModelFiles;
 use crate::vit_common::{
-    check_common, checkpoint_head, config_error, convert_sublayer, load_checkpoint, position_table,
-    read_text, set_head, split_legacy_layer, with_cls_and_positions, ConfigReader, Mlp,
-    PatchEmbeddings, SelfAttention,
+    check_common, checkpoint_head, config_error, convert_sublayer, legacy_sublayer,
+    load_checkpoint, position_table, read_text, set_head, split_legacy_layer, split_vit_layer,
+    with_cls_and_positions, ConfigReader, Mlp, PatchEmbeddings, SelfAttention,
 };
 
 /// The fields of transformers' `ViTConfig` that the model uses (defaults as transformers').
@@ -322,6 +322,18 @@ pub fn convert_vit_key(key: &str) -> String {
     match split_legacy_layer(key) {
         Some((prefix, i, rest)) => format!("{prefix}layers.{i}.{}", convert_sublayer(rest, true)),
         None => key.to_string(),
+    }
+}
+
+/// The inverse of [`convert_vit_key`]: a module name (`vit.layers.<i>.attention.q_proj.weight`)
+/// as transformers 4, Hub checkpoints and `save_pretrained` name it
+/// (`vit.encoder.layer.<i>.attention.attention.query.weight`); other keys unchanged.
+pub fn legacy_vit_key(name: &str) -> String {
+    match split_vit_layer(name) {
+        Some((prefix, i, rest)) => {
+            format!("{prefix}encoder.layer.{i}.{}", legacy_sublayer(rest, true))
+        }
+        None => name.to_string(),
     }
 }
 

@@ -1,7 +1,8 @@
-//! `peft-rs merge`: fold the adapter into the base weights and write a plain checkpoint: a
-//! Hugging Face `BertForTokenClassification` that transformers loads without peft, or, for an
-//! image adapter on a CNN, a torchvision state dict with the new head and the trained BatchNorm
-//! statistics.
+//! `peft-rs merge`: fold the adapter into the base weights and write a plain checkpoint that
+//! loads without peft: a Hugging Face `BertForTokenClassification`; for an image adapter on a
+//! ViT or DINOv2, a Hugging Face `ViTForImageClassification` / `Dinov2ForImageClassification`
+//! folder in the Hub's (transformers 4) key layout with the new head and classes; for one on a
+//! CNN, a torchvision state dict with the new head and the trained BatchNorm statistics.
 
 use std::path::Path;
 
@@ -39,12 +40,21 @@ fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     let Some((arch, weights)) =
         peft_models::cnn_checkpoint(&spec.name, spec.architecture.as_deref())?
     else {
-        bail!(
-            "{}: merging is implemented for torchvision CNNs (MobileNetV2, ResNet); `{}` is a \
-             Hugging Face model",
-            adapter.display(),
-            spec.name
+        let files = peft_models::resolve_model(&spec.name)
+            .with_context(|| format!("the base model of {}", adapter.display()))?;
+        let n = peft_models::write_merged_hf_image_classifier(
+            a.model.parts(),
+            &files,
+            &a.meta.id2label,
+            out,
+        )
+        .with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
+        println!(
+            "merged {} adapted layers into {} ({n} tensors, Hugging Face layout)",
+            a.model.parts().registry.adapted_paths().len(),
+            out.display(),
         );
+        return Ok(());
     };
     let stored = |key: &str| weights.load_stored(key);
     let n = peft_models::write_merged_image_classifier(

@@ -1,5 +1,5 @@
 //! Config reading (every refusal naming its key) and checkpoint loading with transformers
-//! 5.24's key conversion, for ViT and DINOv2.
+//! 5.24's key conversion (the renaming itself is in `keys`), for ViT and DINOv2.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -221,85 +221,4 @@ pub(crate) fn set_head(
 /// Reads a model's `config.json`.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))
-}
-
-/// `(prefix, layer index, rest)` of a key under `encoder.layer.<i>.` (at the start or after a
-/// dot), the layout of transformers 4 checkpoints.
-pub(crate) fn split_legacy_layer(key: &str) -> Option<(&str, &str, &str)> {
-    const LAYER: &str = "encoder.layer.";
-    let start = if key.starts_with(LAYER) {
-        0
-    } else {
-        key.find(".encoder.layer.")? + 1
-    };
-    let (index, rest) = key[start + LAYER.len()..].split_once('.')?;
-    index.parse::<usize>().ok()?;
-    Some((&key[..start], index, rest))
-}
-
-/// transformers 5.24's renaming of a transformers 4 attention sublayer (`rest` after
-/// `encoder.layer.<i>.`): `attention.attention.{query,key,value}` → `attention.{q,k,v}_proj`,
-/// `attention.output.dense` → `attention.o_proj`, and with `mlp` (ViT) `intermediate.dense` →
-/// `mlp.fc1`, `output.dense` → `mlp.fc2`.
-pub(crate) fn convert_sublayer(rest: &str, mlp: bool) -> String {
-    let attention = [
-        ("attention.attention.query.", "attention.q_proj."),
-        ("attention.attention.key.", "attention.k_proj."),
-        ("attention.attention.value.", "attention.v_proj."),
-        ("attention.output.dense.", "attention.o_proj."),
-    ];
-    let ffn = [
-        ("intermediate.dense.", "mlp.fc1."),
-        ("output.dense.", "mlp.fc2."),
-    ];
-    let rules = attention.iter().chain(if mlp { &ffn[..] } else { &[] });
-    for (old, new) in rules {
-        if let Some(tail) = rest.strip_prefix(old) {
-            return format!("{new}{tail}");
-        }
-    }
-    rest.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn legacy_keys_convert_as_transformers_does() {
-        let vit = |k: &str| match split_legacy_layer(k) {
-            Some((p, i, rest)) => format!("{p}layers.{i}.{}", convert_sublayer(rest, true)),
-            None => k.to_string(),
-        };
-        let cases = [
-            (
-                "vit.encoder.layer.3.attention.attention.query.weight",
-                "vit.layers.3.attention.q_proj.weight",
-            ),
-            (
-                "encoder.layer.0.attention.output.dense.bias",
-                "layers.0.attention.o_proj.bias",
-            ),
-            (
-                "vit.encoder.layer.1.intermediate.dense.weight",
-                "vit.layers.1.mlp.fc1.weight",
-            ),
-            (
-                "vit.encoder.layer.1.output.dense.weight",
-                "vit.layers.1.mlp.fc2.weight",
-            ),
-            (
-                "vit.encoder.layer.1.layernorm_before.bias",
-                "vit.layers.1.layernorm_before.bias",
-            ),
-            ("vit.embeddings.cls_token", "vit.embeddings.cls_token"),
-            (
-                "vit.layers.0.attention.q_proj.weight",
-                "vit.layers.0.attention.q_proj.weight",
-            ),
-        ];
-        for (old, new) in cases {
-            assert_eq!(vit(old), new);
-        }
-    }
 }

@@ -4,7 +4,8 @@
 //! (`attention.{q,k,v,o}_proj`), the GELU MLP (`mlp.fc1`, `mlp.fc2`) and the position table
 //! fitted to the input's patch grid; [`bicubic`] resizes as torch's `F.interpolate(mode=
 //! "bicubic", align_corners=False)`, `io` reads configs (every refusal naming its key) and
-//! checkpoints (with transformers' key conversion).
+//! checkpoints, `keys` renames checkpoint keys between transformers 4's layout and 5.24's (both
+//! ways: loading, and writing merged checkpoints).
 
 use std::sync::Arc;
 
@@ -14,12 +15,13 @@ use peft_core::{ConvGeometry, ModelBuilder, Result, TunableConv2d, TunableLinear
 
 pub mod bicubic;
 mod io;
+mod keys;
 
 pub use bicubic::{interpolate_bicubic, Resize};
 pub(crate) use io::{
-    check_common, checkpoint_head, config_error, convert_sublayer, load_checkpoint, read_text,
-    set_head, split_legacy_layer, ConfigReader,
+    check_common, checkpoint_head, config_error, load_checkpoint, read_text, set_head, ConfigReader,
 };
+pub(crate) use keys::{convert_sublayer, legacy_sublayer, split_legacy_layer, split_vit_layer};
 
 /// `patch_embeddings`: the Conv2d projection (kernel = stride = patch) and the input checks.
 pub(crate) struct PatchEmbeddings {
