@@ -2,7 +2,9 @@
 # peft-rs vs Python peft on the CPU: the same cases (random-weight BERT shapes, batch 16, seq 128,
 # f32; training steps for full fine-tuning, LoRA r=8 on query/value and on every linear; inference
 # base / LoRA unmerged / merged), the same threads, interleaved A B A B so that drift on a shared
-# machine hits both sides, then one table with the ratios (benches/compare/cpu_table.py).
+# machine hits both sides, then one table with the ratios (benches/compare/cpu_table.py), written to
+# $OUT/table.md and into BENCHMARKS.md's block for $OUT's name (`<!-- cpu_compare NAME -->`), with
+# the machine, versions and command.
 #
 #   benches/compare/cpu_compare.sh                  # REPS=2 MODELS="minilm bert-base" STEPS=5
 #   REPS=1 MODELS=minilm STEPS=3 benches/compare/cpu_compare.sh
@@ -33,6 +35,14 @@ mkdir -p "$OUT"
 cargo build --release -p peft-cli
 scripts/python-env.sh >/dev/null
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $THREADS threads, steps $STEPS, reps $REPS, matmul precision $PRECISION, peft-rs f32 GEMM $GEMM"
+# Where the numbers come from, for the table's last paragraph (cpu_table.py).
+python3 - "$OUT/run.json" <<PY
+import json, sys
+json.dump({"cpu": """$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)""", "cores": $(nproc),
+           "date": "$(date -u +%F)", "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
+           "command": "REPS=$REPS STEPS=$STEPS WARMUP=$WARMUP THREADS=$THREADS MODELS='$MODELS' PRECISION=$PRECISION GEMM=$GEMM OUT=$OUT benches/compare/cpu_compare.sh"},
+          open(sys.argv[1], "w"), indent=2)
+PY
 for rep in $(seq 1 "$REPS"); do
   for model in $MODELS; do
     echo "== rep $rep $model: peft-rs"
@@ -57,4 +67,4 @@ json.dump(merged, open(sys.argv[1], "w"), indent=2)' "$OUT/rep$rep-$model-python
     rm -f "${parts[@]}"
   done
 done
-python3 benches/compare/cpu_table.py "$OUT" | tee "$OUT/table.md"
+python3 benches/compare/cpu_table.py "$OUT" --into BENCHMARKS.md | tee "$OUT/table.md"
