@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# peft-rs vs Python peft on the CPU: the same cases (random-weight BERT shapes, batch 16, seq 128,
+# peft-rs vs Python peft on the CPU: the same cases (random-weight BERT shapes, batch 16 (BATCHES), seq 128,
 # f32; training steps for full fine-tuning, LoRA r=8 on query/value and on every linear; inference
 # base / LoRA unmerged / merged), the same threads, interleaved A B A B so that drift on a shared
 # machine hits both sides, then one table with the ratios (benches/compare/cpu_table.py), written to
@@ -8,6 +8,7 @@
 #
 #   benches/compare/cpu_compare.sh                  # REPS=2 MODELS="minilm bert-base" STEPS=5
 #   REPS=1 MODELS=minilm STEPS=3 benches/compare/cpu_compare.sh
+#   BATCHES="8 16" benches/compare/cpu_compare.sh     # both batch sizes of issue 6
 #   PRECISION=bf16 benches/compare/cpu_compare.sh   # products with frozen weights in bf16 on AMX on
 #                                                   # both sides (results/cpu-bf16)
 #   GEMM=mkl benches/compare/cpu_compare.sh         # peft-rs's f32 GEMMs on MKL (scripts/install-mkl.sh,
@@ -31,6 +32,7 @@ STEPS="${STEPS:-5}"
 WARMUP="${WARMUP:-1}"
 REPS="${REPS:-2}"
 MODELS="${MODELS:-minilm bert-base}"
+BATCHES="${BATCHES:-16}"
 mkdir -p "$OUT"
 cargo build --release -p peft-cli
 scripts/python-env.sh >/dev/null
@@ -40,30 +42,31 @@ python3 - "$OUT/run.json" <<PY
 import json, sys
 json.dump({"cpu": """$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)""", "cores": $(nproc),
            "date": "$(date -u +%F)", "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
-           "command": "REPS=$REPS STEPS=$STEPS WARMUP=$WARMUP THREADS=$THREADS MODELS='$MODELS' PRECISION=$PRECISION GEMM=$GEMM OUT=$OUT benches/compare/cpu_compare.sh"},
+           "command": "REPS=$REPS STEPS=$STEPS WARMUP=$WARMUP THREADS=$THREADS MODELS='$MODELS' BATCHES='$BATCHES' PRECISION=$PRECISION GEMM=$GEMM OUT=$OUT benches/compare/cpu_compare.sh"},
           open(sys.argv[1], "w"), indent=2)
 PY
 for rep in $(seq 1 "$REPS"); do
-  for model in $MODELS; do
-    echo "== rep $rep $model: peft-rs"
-    RAYON_NUM_THREADS="$THREADS" ./target/release/peft-rs bench --model "$model" --batch 16 --seqs 128 \
-      --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" --out "$OUT/rep$rep-$model-rust.json"
-    echo "== rep $rep $model: Python peft, one process per case"
+  for tag in $(for b in $BATCHES; do for m in $MODELS; do echo "$m-b$b"; done; done); do
+    model="${tag%-b*}" batch="${tag##*-b}"
+    echo "== rep $rep $model batch $batch: peft-rs"
+    RAYON_NUM_THREADS="$THREADS" ./target/release/peft-rs bench --model "$model" --batch "$batch" --seqs 128 \
+      --steps "$STEPS" --warmup "$WARMUP" --matmul-precision "$PRECISION" --out "$OUT/rep$rep-$tag-rust.json"
+    echo "== rep $rep $model batch $batch: Python peft, one process per case"
     # One process per case: CPython's heap keeps what a case freed, so a case run after another
     # would report the earlier case's memory in its peak RSS.
     parts=()
     for case in full lora-qv lora-all base lora-unmerged lora-merged; do
-      part="$OUT/.rep$rep-$model-python-$case.json"
+      part="$OUT/.rep$rep-$tag-python-$case.json"
       OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" .venv-py/bin/python \
         benches/compare/peft_gpu_bench.py --device cpu --dtype f32 --model "$model" --threads "$THREADS" \
-        --batch 16 --seqs 128 --cases train,infer --methods "$case" --steps "$STEPS" --warmup "$WARMUP" \
+        --batch "$batch" --seqs 128 --cases train,infer --methods "$case" --steps "$STEPS" --warmup "$WARMUP" \
         --matmul-precision "$PRECISION" --out "$part"
       parts+=("$part")
     done
     python3 -c 'import json, sys
 docs = [json.load(open(p)) for p in sys.argv[2:]]
 merged = dict(docs[0], cases=[c for d in docs for c in d["cases"]])
-json.dump(merged, open(sys.argv[1], "w"), indent=2)' "$OUT/rep$rep-$model-python.json" "${parts[@]}"
+json.dump(merged, open(sys.argv[1], "w"), indent=2)' "$OUT/rep$rep-$tag-python.json" "${parts[@]}"
     rm -f "${parts[@]}"
   done
 done

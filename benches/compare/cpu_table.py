@@ -1,6 +1,7 @@
 """The side-by-side table of benches/compare/cpu_compare.sh: for each model and case, the median
 over repetitions of each side's median step time, the throughput ratio (Python ms / peft-rs ms:
-above 1 means peft-rs is faster) and the peak RSS ratio (peft-rs / Python).
+above 1 means peft-rs is faster), the peak RSS ratio (peft-rs / Python) and, for training cases,
+the size of the folder each side saves (peft-rs `train`'s adapter folder, peft's `save_pretrained`).
 
   python3 benches/compare/cpu_table.py benches/compare/results/cpu
   python3 benches/compare/cpu_table.py benches/compare/results/cpu-zen5 --into BENCHMARKS.md
@@ -15,6 +16,7 @@ written atomically; a FILE without those markers is left as it is, with a note s
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -63,16 +65,19 @@ def table(folder):
         name = os.path.basename(path)[:-5]
         rep, rest = name.split("-", 1)
         model, side = rest.rsplit("-", 1)
+        model = re.sub(r"-b\d+$", "", model)  # rep1-minilm-b8-rust.json: batch 8
         with open(path) as f:
             doc = json.load(f)
         docs.append(doc)
         for c in doc["cases"]:
             if c.get("error"):
                 continue
-            runs.setdefault((model, c["name"]), {}).setdefault(side, []).append(c)
-    lines = ["| model | case | peft-rs ms | Python peft ms | throughput peft-rs / peft | peak RSS peft-rs / peft (MiB) | trainable |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
-    for (model, case), sides in sorted(runs.items()):
+            key = (model, c.get("batch") or 0, c["name"])
+            runs.setdefault(key, {}).setdefault(side, []).append(c)
+    lines = ["| model | batch | case | peft-rs ms | Python peft ms | throughput peft-rs / peft "
+             "| peak RSS peft-rs / peft (MiB) | trainable | saved MB peft-rs / peft |",
+             "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    for (model, batch, case), sides in sorted(runs.items()):
         r, p = sides.get("rust", []), sides.get("python", [])
         if not r or not p:
             continue
@@ -82,8 +87,10 @@ def table(folder):
         pr = max((c["peak_bytes"] or 0) for c in p)
         rss = f"{rr / pr:.2f} ({rr / 2**20:,.0f} / {pr / 2**20:,.0f})" if rr and pr else "-"
         trainable = r[0].get("trainable_params")
-        lines.append(f"| {model} | {case} | {rm:.0f} | {pm:.0f} | {pm / rm:.2f} | {rss} | "
-                     + (f"{trainable:,}" if trainable else "") + " |")
+        ra, pa = r[0].get("adapter_bytes"), p[0].get("adapter_bytes")
+        saved = f"{ra / 1e6:,.2f} / {pa / 1e6:,.2f}" if ra and pa else "-"
+        lines.append(f"| {model} | {batch or '-'} | {case} | {rm:.0f} | {pm:.0f} | {pm / rm:.2f} | {rss} | "
+                     + (f"{trainable:,}" if trainable else "") + f" | {saved} |")
     reps = max(len(v.get("rust", [])) for v in runs.values())
     lines.append(f"\n{len(runs)} cases; medians over {reps} interleaved repetitions per side. "
                  + provenance(folder, docs))

@@ -42,6 +42,8 @@ Setup (exactly; the Rust side emits the same JSON schema and should run the same
               freed (gc + empty_cache) and reset_peak_memory_stats(): weights, gradients, optimizer
               state, activations and inputs; on the CPU the process's peak RSS over the case (reset
               through /proc/self/clear_refs, as `peft-rs bench` does)
+  file size   adapter_bytes (train cases): the folder save_pretrained writes after the timed steps
+              (peft: adapter_model.safetensors + adapter_config.json; full: the whole model)
   params      trainable_params: parameters with requires_grad in the trained model (peft counts the
               classifier copy in modules_to_save); null for infer; linear: 0 (frozen) or r*(K+N)
 
@@ -50,7 +52,7 @@ rewritten after every case, so a run cut short still leaves the finished cases.
 
 JSON: {"tool": "python-peft", "env": {torch, transformers, peft, device_name, cuda, dtype}, "cases": [{kind,
 name, method, batch, seq, shape, median_ms, p10_ms, p90_ms, tokens_per_s, peak_bytes, trainable_params,
-error}]}; kind train|infer|linear, name e.g. "train/lora-qv/seq128" or "linear/frozen/4096x768x768r8",
+error, adapter_bytes (train cases)}]}; kind train|infer|linear, name e.g. "train/lora-qv/seq128" or "linear/frozen/4096x768x768r8",
 shape [M, K, N, r] for linear (batch and seq null there) and null otherwise.
 
 Run:
@@ -73,6 +75,7 @@ import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -253,6 +256,16 @@ def train_case(res: dict, args, device: torch.device, seq: int) -> None:
     times = time_steps(step, device, args.warmup, args.steps)
     fill_timing(res, times, args.batch * seq)
     res["peak_bytes"] = peak_bytes(device)
+    res["adapter_bytes"] = saved_bytes(model)
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the folder `save_pretrained` writes (peft: adapter + config; full: the model),
+    read after the peak, so saving does not count in it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
+                   if os.path.isfile(os.path.join(tmp, f)))
 
 
 def lora_unmerged_model(small: str) -> torch.nn.Module:

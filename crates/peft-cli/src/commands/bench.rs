@@ -49,7 +49,7 @@ fn print_case(c: &CaseResult) {
     match &c.error {
         Some(e) => println!("{:<40} error: {e}", c.name),
         None => println!(
-            "{:<40} {:>10.3} ms {:>12.0} {} {:>10} MiB",
+            "{:<40} {:>10.3} ms {:>12.0} {} {:>10} MiB{}",
             c.name,
             c.median_ms,
             c.tokens_per_s,
@@ -60,7 +60,10 @@ fn print_case(c: &CaseResult) {
             },
             c.peak_bytes
                 .map(|b| format!("{:.0}", b as f64 / (1 << 20) as f64))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            c.adapter_bytes
+                .map(|b| format!(" {:>10.2} MB adapter", b as f64 / 1e6))
+                .unwrap_or_default()
         ),
     }
 }

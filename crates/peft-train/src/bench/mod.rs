@@ -8,6 +8,7 @@
 //! process's peak RSS on the CPU (reset before each case through `/proc/self/clear_refs`) and the
 //! high-water mark of the CUDA memory pool on a GPU.
 
+mod adapter_size;
 pub mod kernels;
 mod memory;
 pub mod vision;
@@ -223,6 +224,9 @@ pub struct CaseResult {
     pub peak_bytes: Option<u64>,
     /// Trainable parameters.
     pub trainable_params: Option<usize>,
+    /// Bytes of the adapter folder the trained case would save (training cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_bytes: Option<u64>,
     /// Why the case failed, if it did.
     pub error: Option<String>,
     /// Median forward / backward / optimizer times of a training step, timed apart (`--phases`).
@@ -253,6 +257,7 @@ impl CaseResult {
             tokens_per_s: f64::NAN,
             peak_bytes: None,
             trainable_params: None,
+            adapter_bytes: None,
             error: None,
             phases_ms: None,
         };
@@ -406,14 +411,20 @@ pub fn train_case(s: &BenchSettings, method: Method, seq: usize) -> CaseResult {
         } else {
             None
         };
-        Ok((times, Some(trainable), phases))
+        // The peak is read before the adapter is written: saving is not part of a step.
+        let peak = mem.peak();
+        let bytes = adapter_size::adapter_bytes(&model.parts)?;
+        Ok((times, Some(trainable), phases, peak, bytes))
     })();
-    let (measured, phases) = match measured {
-        Ok((times, trainable, phases)) => (Ok((times, trainable)), phases),
-        Err(e) => (Err(e), None),
+    let (measured, phases, peak, bytes) = match measured {
+        Ok((times, trainable, phases, peak, bytes)) => {
+            (Ok((times, trainable)), phases, peak, Some(bytes))
+        }
+        Err(e) => (Err(e), None, mem.peak(), None),
     };
-    let mut c = case("train", method.name(), s, seq, measured, mem.peak());
+    let mut c = case("train", method.name(), s, seq, measured, peak);
     c.phases_ms = phases;
+    c.adapter_bytes = bytes;
     c
 }
 
