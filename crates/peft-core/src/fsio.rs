@@ -48,6 +48,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Total bytes of the files directly in `dir` (an adapter folder's size on disk).
+pub fn folder_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let entries = std::fs::read_dir(dir).map_err(|e| PeftError::io(dir, e))?;
+    for entry in entries {
+        let meta = entry
+            .and_then(|e| e.metadata())
+            .map_err(|e| PeftError::io(dir, e))?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

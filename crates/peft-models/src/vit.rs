@@ -10,7 +10,8 @@
 //! when loading (its `ViTModel` conversion mapping) and back when saving: Hub checkpoints and
 //! `save_pretrained` output keep the old names, while the modules, and so peft's keys and
 //! `target_modules`, carry the new ones (`q_proj`, `v_proj`). [`vit_weights`] does the same
-//! conversion, and [`legacy_vit_key`] the way back (for merged checkpoints). The pooler of `ViTModel` (unused by the classifier) is not built.
+//! conversion, and [`legacy_vit_key`] the way back (for merged checkpoints). The pooler of
+//! `ViTModel` (unused by the classifier) is not built.
 
 use std::path::PathBuf;
 use std::sync::Arc;

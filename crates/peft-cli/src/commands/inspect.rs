@@ -4,19 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use peft_core::adapter_io::{read_meta, read_plan, WEIGHTS_FILE};
+use peft_core::fsio::folder_bytes;
 use peft_core::AdapterConfig;
-
-/// Total bytes of the files in a folder.
-pub fn folder_bytes(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let meta = entry?.metadata()?;
-        if meta.is_file() {
-            total += meta.len();
-        }
-    }
-    Ok(total)
-}
 
 pub fn run(dir: &Path, json: bool) -> Result<()> {
     let (plan, file) = read_plan(dir)?;

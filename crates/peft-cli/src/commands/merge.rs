@@ -37,36 +37,33 @@ fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     }
     let a = load_image_adapter(adapter, &Device::Cpu)?;
     let spec = &a.spec;
-    let Some((arch, weights)) =
-        peft_models::cnn_checkpoint(&spec.name, spec.architecture.as_deref())?
-    else {
-        let files = peft_models::resolve_model(&spec.name)
-            .with_context(|| format!("the base model of {}", adapter.display()))?;
-        let n = peft_models::write_merged_hf_image_classifier(
-            a.model.parts(),
-            &files,
-            &a.meta.id2label,
-            out,
-        )
-        .with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
-        println!(
-            "merged {} adapted layers into {} ({n} tensors, Hugging Face layout)",
-            a.model.parts().registry.adapted_paths().len(),
-            out.display(),
-        );
-        return Ok(());
+    let (n, layout) = match peft_models::cnn_checkpoint(&spec.name, spec.architecture.as_deref())? {
+        Some((arch, weights)) => {
+            let stored = |key: &str| weights.load_stored(key);
+            let n = peft_models::write_merged_image_classifier(
+                a.model.parts(),
+                &stored,
+                arch,
+                &a.meta.id2label,
+                out,
+            );
+            (n, format!("torchvision {arch} layout"))
+        }
+        None => {
+            let files = peft_models::resolve_model(&spec.name)
+                .with_context(|| format!("the base model of {}", adapter.display()))?;
+            let n = peft_models::write_merged_hf_image_classifier(
+                a.model.parts(),
+                &files,
+                &a.meta.id2label,
+                out,
+            );
+            (n, "Hugging Face layout".to_string())
+        }
     };
-    let stored = |key: &str| weights.load_stored(key);
-    let n = peft_models::write_merged_image_classifier(
-        a.model.parts(),
-        &stored,
-        arch,
-        &a.meta.id2label,
-        out,
-    )
-    .with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
+    let n = n.with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
     println!(
-        "merged {} adapted layers into {} ({n} tensors, torchvision {arch} layout)",
+        "merged {} adapted layers into {} ({n} tensors, {layout})",
         a.model.parts().registry.adapted_paths().len(),
         out.display(),
     );

@@ -126,7 +126,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], progress: bool) -> Result<(
     };
     let out = &recipe.output.adapter_dir;
     adapter_io::save(out, &model.parts, &files.name, "TOKEN_CLS", &meta)?;
-    let adapter_bytes = super::inspect::folder_bytes(out)?;
+    let adapter_bytes = peft_core::fsio::folder_bytes(out)?;
     super::card::write(
         out,
         &super::card::CardFacts {

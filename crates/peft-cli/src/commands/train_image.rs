@@ -135,7 +135,7 @@ pub fn run(
     let out = &recipe.output.adapter_dir;
     // peft has no task type for image classifiers: `task_type` is null, as peft writes for them.
     adapter_io::save(out, parts, &spec.name, "", &meta)?;
-    let adapter_bytes = super::inspect::folder_bytes(out)?;
+    let adapter_bytes = peft_core::fsio::folder_bytes(out)?;
     write_card(
         out,
         recipe_path,

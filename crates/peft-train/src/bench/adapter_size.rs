@@ -3,10 +3,11 @@
 //! [`adapter_io::save`] exactly as `peft-rs train` writes it, into a scratch folder that is
 //! removed afterwards.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use peft_core::adapter_io::{self, AdapterMeta};
-use peft_core::{PeftError, TunedParts};
+use peft_core::fsio::folder_bytes;
+use peft_core::TunedParts;
 
 use crate::error::Result;
 
@@ -37,21 +38,6 @@ pub(super) fn adapter_bytes(parts: &TunedParts) -> Result<u64> {
     };
     adapter_io::save(&scratch.0, parts, "bench", "TOKEN_CLS", &meta)?;
     Ok(folder_bytes(&scratch.0)?)
-}
-
-/// Total size of the files directly in `dir`.
-fn folder_bytes(dir: &Path) -> std::result::Result<u64, PeftError> {
-    let mut total = 0;
-    let entries = std::fs::read_dir(dir).map_err(|e| PeftError::io(dir, e))?;
-    for entry in entries {
-        let meta = entry
-            .and_then(|e| e.metadata())
-            .map_err(|e| PeftError::io(dir, e))?;
-        if meta.is_file() {
-            total += meta.len();
-        }
-    }
-    Ok(total)
 }
 
 #[cfg(test)]
