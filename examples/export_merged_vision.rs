@@ -1,11 +1,13 @@
-//! Writes a merged ViT and a merged DINOv2 classifier, as `peft-rs merge` does, with the logits
+//! Writes a merged ViT and two merged DINOv2 classifiers (one read from a Hugging Face folder, one
+//! from an ONNX graph), as `peft-rs merge` does, with the logits
 //! peft-rs computes for them before merging: the tiny random models of tests/fixtures/vit with
 //! the LoRA configs of peft's fixtures there (DINOv2's also on the patch Conv2d), a new head and a
 //! few base tensors trained outright, every trainable tensor moved off its initial value.
 //!
 //!     cargo run --example export_merged_vision -- OUT_DIR
 //!
-//! gives `OUT_DIR/merged_{vit,dinov2}/` and `OUT_DIR/{vit,dinov2}_logits.safetensors`
+//! gives `OUT_DIR/merged_{vit,dinov2,dinov2_onnx}/` and the matching
+//! `OUT_DIR/<name>_logits.safetensors`
 //! (`pixel_values`, `logits`). `scripts/check-peft-interop.sh` loads each folder in plain
 //! transformers and compares the logits (tests/fixtures/vit/check_merged_vit.py).
 
@@ -16,7 +18,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use peft_core::{adapter_io, TunedParts, TuningPlan};
 use peft_models::{
-    dinov2_image_classifier, resolve_model, vit_image_classifier, write_merged_hf_image_classifier,
+    dinov2_image_classifier, dinov2_onnx_image_classifier, resolve_model, vit_image_classifier,
+    write_merged_hf_image_classifier, write_merged_onnx_dinov2_classifier,
 };
 
 const FIXTURES: &str = "tests/fixtures/vit";
@@ -48,7 +51,8 @@ fn pixels(file: &str, key: &str) -> Result<Tensor> {
         .with_context(|| format!("{file}: no {key}"))
 }
 
-/// Writes `OUT/<name>_logits.safetensors` and merges the model into `OUT/merged_<name>`.
+/// Writes `OUT/<name>_logits.safetensors` and merges the model into `OUT/merged_<name>` (an
+/// ONNX graph `base` is read as a DINOv2, any other as a Hugging Face model).
 fn export(
     out: &Path,
     name: &str,
@@ -64,7 +68,11 @@ fn export(
         .map(|i| (i.to_string(), format!("class_{i}")))
         .collect();
     let merged = out.join(format!("merged_{name}"));
-    write_merged_hf_image_classifier(parts, &resolve_model(base)?, &id2label, &merged)?;
+    if base.ends_with(".onnx") {
+        write_merged_onnx_dinov2_classifier(parts, Path::new(base), &id2label, &merged)?;
+    } else {
+        write_merged_hf_image_classifier(parts, &resolve_model(base)?, &id2label, &merged)?;
+    }
     println!("{}", merged.display());
     Ok(())
 }
@@ -106,5 +114,19 @@ fn main() -> Result<()> {
     perturb(&dinov2.parts)?;
     let px = pixels("dinov2_lora.safetensors", "pixel_values_24x20")?;
     let logits = dinov2.forward(&px, false)?;
-    export(&out, "dinov2", &base, &dinov2.parts, px, logits)
+    export(&out, "dinov2", &base, &dinov2.parts, px.clone(), logits)?;
+
+    // The same weights read out of an ONNX graph (dinov2_tiny inside a wrapper, exported by
+    // torch.onnx): the merged folder's config.json is made from the graph.
+    let graph = "tests/fixtures/dinov2_onnx/tiny_eager.onnx";
+    let onnx = dinov2_onnx_image_classifier(
+        Path::new(graph),
+        plan("dinov2_lora", &[r".*layer_scale2\.lambda1"])?,
+        5,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    perturb(&onnx.parts)?;
+    let logits = onnx.forward(&px, false)?;
+    export(&out, "dinov2_onnx", graph, &onnx.parts, px, logits)
 }

@@ -35,7 +35,7 @@ done
 # Vision transformers: a ViT and a DINOv2 LoRA classifier merged by peft-rs (the folder
 # `peft-rs merge` writes) in plain transformers, against peft-rs's logits before the merge.
 cargo run --quiet --release --example export_merged_vision -- "$out/vision"
-for model in vit dinov2; do
+for model in vit dinov2 dinov2_onnx; do
   echo "::: merged_$model (peft-rs merge's checkpoint in plain transformers)"
   if ! "$VENV/bin/python" tests/fixtures/vit/check_merged_vit.py "$out/vision/merged_$model" \
       "$out/vision/${model}_logits.safetensors"; then

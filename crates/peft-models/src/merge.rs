@@ -4,7 +4,8 @@
 //! - a Hugging Face ViT or DINOv2 image classifier (`model.safetensors` under the transformers 4
 //!   key names that Hub checkpoints and `save_pretrained` use, `config.json`, and the base's
 //!   `preprocessor_config.json`) that transformers 4 and 5 load as `ViTForImageClassification` /
-//!   `Dinov2ForImageClassification`;
+//!   `Dinov2ForImageClassification` (also for a DINOv2 read from an ONNX graph, with a
+//!   `config.json` made from the graph);
 //! - a torchvision CNN in torchvision's state-dict layout (BatchNorm statistics included) that
 //!   `load_state_dict` takes with `strict=True`.
 //!
@@ -216,9 +217,41 @@ pub fn write_merged_hf_image_classifier(
     id2label: &BTreeMap<String, String>,
     out: &Path,
 ) -> Result<usize> {
-    let mut config = read_config(&files.config)?;
+    let config = read_config(&files.config)?;
     let layout = hf_image_layout(&config, &files.config)?;
     let base = (layout.weights)(&files.weights)?;
+    let beside = read_beside(&files.config, &["preprocessor_config.json"])?;
+    write_hf_image_classifier(parts, &base, &layout, config, &beside, id2label, out)
+}
+
+/// Writes the merged checkpoint of a DINOv2 image classifier whose base is the backbone of the
+/// ONNX graph at `graph` ([`crate::onnx`]): the same Hugging Face `Dinov2ForImageClassification`
+/// folder as [`write_merged_hf_image_classifier`], with a `config.json` made from the
+/// configuration the graph implies (no `preprocessor_config.json`: the graph has none).
+pub fn write_merged_onnx_dinov2_classifier(
+    parts: &TunedParts,
+    graph: &Path,
+    id2label: &BTreeMap<String, String>,
+    out: &Path,
+) -> Result<usize> {
+    let backbone = crate::onnx::read_onnx_dinov2(graph)?;
+    let config = backbone.config.to_json();
+    let layout = hf_image_layout(&config, graph)?;
+    let base = WeightSource::Map(backbone.weights);
+    write_hf_image_classifier(parts, &base, &layout, config, &[], id2label, out)
+}
+
+/// The merged tensors under the layout's checkpoint keys in f32, `config` naming the
+/// architecture and the classes, and the `beside` copies, each written atomically.
+fn write_hf_image_classifier(
+    parts: &TunedParts,
+    base: &WeightSource,
+    layout: &HfImageLayout,
+    mut config: Value,
+    beside: &[(String, Vec<u8>)],
+    id2label: &BTreeMap<String, String>,
+    out: &Path,
+) -> Result<usize> {
     let stored = |key: &str| base.load_stored(key);
     let mut tensors = BTreeMap::new();
     for (name, t) in merged_tensors(parts, &stored)? {
@@ -241,9 +274,8 @@ pub fn write_merged_hf_image_classifier(
             config[key] = Value::from("float32");
         }
     }
-    let beside = read_beside(&files.config, &["preprocessor_config.json"])?;
     write_weights(&tensors, out)?;
-    write_config_and_copies(&config, &beside, out)?;
+    write_config_and_copies(&config, beside, out)?;
     Ok(tensors.len())
 }
 

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use peft_core::{adapter_io, AdapterConfig, PeftError, PromptTuningConfig, TunedParts, TuningPlan};
 use peft_models::{
-    dinov2_image_classifier, resolve_model, vit_image_classifier, write_merged_hf_image_classifier,
-    ModelFiles,
+    dinov2_image_classifier, dinov2_onnx_image_classifier, resolve_model, vit_image_classifier,
+    write_merged_hf_image_classifier, write_merged_onnx_dinov2_classifier, ModelFiles,
 };
 use tempfile::TempDir;
 
@@ -223,6 +223,56 @@ fn merged_dinov2_folder_rebuilds_the_adapted_model() {
     let d = max_diff(&plain.forward(&px, false).unwrap(), &adapted);
     eprintln!("dinov2 merged folder vs adapted model: max abs logits diff {d:.3e}");
     assert!(d < TOL, "merged DINOv2 logits differ by {d}");
+}
+
+/// A DINOv2 read out of an ONNX graph (tests/fixtures/dinov2_onnx: the dinov2_tiny weights
+/// inside a wrapper with a decoder) merges into the same Hugging Face folder, with a config.json
+/// made from the graph that the crate's own DINOv2 loader reads back.
+#[test]
+fn merged_onnx_dinov2_folder_rebuilds_the_adapted_model() {
+    let tmp = TempDir::new().unwrap();
+    let graph = fixtures().join("../dinov2_onnx/tiny_eager.onnx");
+    let plan = adapter_plan("dinov2_lora", &[r".*layer_scale2\.lambda1"]);
+    let model = dinov2_onnx_image_classifier(&graph, plan, 4, &Device::Cpu, DType::F32).unwrap();
+    train_somewhat(&model.parts);
+    let px = pixels("dinov2_lora.safetensors", "pixel_values_24x20");
+    let adapted = model.forward(&px, false).unwrap();
+
+    let out = tmp.path().join("merged");
+    write_merged_onnx_dinov2_classifier(&model.parts, &graph, &labels(4), &out).unwrap();
+    merged_keys(
+        &out,
+        &[
+            "dinov2.embeddings.position_embeddings",
+            "dinov2.encoder.layer.1.attention.attention.query.weight",
+            "dinov2.encoder.layer.0.layer_scale2.lambda1",
+            "dinov2.layernorm.weight",
+        ],
+    );
+    let config = merged_config(&out);
+    assert_eq!(config["model_type"], "dinov2");
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["Dinov2ForImageClassification"])
+    );
+    assert_eq!(
+        (&config["hidden_size"], &config["num_attention_heads"]),
+        (&serde_json::json!(32), &serde_json::json!(4))
+    );
+    assert_eq!(config["use_mask_token"], false);
+    assert!(config["mlp_ratio"].is_u64(), "transformers 5.24 wants an int");
+
+    let plain = dinov2_image_classifier(
+        &files(&out),
+        TuningPlan::default(),
+        4,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let d = max_diff(&plain.forward(&px, false).unwrap(), &adapted);
+    eprintln!("onnx dinov2 merged folder vs adapted model: max abs logits diff {d:.3e}");
+    assert!(d < TOL, "merged ONNX DINOv2 logits differ by {d}");
 }
 
 /// ViT and DINOv2 offer no virtual tokens or hook points, so the methods without a merge are

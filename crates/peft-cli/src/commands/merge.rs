@@ -37,29 +37,36 @@ fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     }
     let a = load_image_adapter(adapter, &Device::Cpu)?;
     let spec = &a.spec;
-    let (n, layout) = match peft_models::cnn_checkpoint(&spec.name, spec.architecture.as_deref())? {
-        Some((arch, weights)) => {
-            let stored = |key: &str| weights.load_stored(key);
-            let n = peft_models::write_merged_image_classifier(
-                a.model.parts(),
-                &stored,
-                arch,
-                &a.meta.id2label,
-                out,
-            );
-            (n, format!("torchvision {arch} layout"))
-        }
-        None => {
-            let files = peft_models::resolve_model(&spec.name)
-                .with_context(|| format!("the base model of {}", adapter.display()))?;
-            let n = peft_models::write_merged_hf_image_classifier(
-                a.model.parts(),
-                &files,
-                &a.meta.id2label,
-                out,
-            );
-            (n, "Hugging Face layout".to_string())
-        }
+    let arch = spec.architecture.as_deref();
+    let (n, layout) = if let Some(graph) = peft_models::onnx_graph(&spec.name, arch)? {
+        let n = peft_models::write_merged_onnx_dinov2_classifier(
+            a.model.parts(),
+            graph,
+            &a.meta.id2label,
+            out,
+        );
+        let layout = format!("Hugging Face layout, DINOv2 read from {}", graph.display());
+        (n, layout)
+    } else if let Some((arch, weights)) = peft_models::cnn_checkpoint(&spec.name, arch)? {
+        let stored = |key: &str| weights.load_stored(key);
+        let n = peft_models::write_merged_image_classifier(
+            a.model.parts(),
+            &stored,
+            arch,
+            &a.meta.id2label,
+            out,
+        );
+        (n, format!("torchvision {arch} layout"))
+    } else {
+        let files = peft_models::resolve_model(&spec.name)
+            .with_context(|| format!("the base model of {}", adapter.display()))?;
+        let n = peft_models::write_merged_hf_image_classifier(
+            a.model.parts(),
+            &files,
+            &a.meta.id2label,
+            out,
+        );
+        (n, "Hugging Face layout".to_string())
     };
     let n = n.with_context(|| format!("merging {} into {}", adapter.display(), out.display()))?;
     println!(
