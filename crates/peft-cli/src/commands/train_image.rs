@@ -136,11 +136,13 @@ pub fn run(
     // peft has no task type for image classifiers: `task_type` is null, as peft writes for them.
     adapter_io::save(out, parts, &spec.name, "", &meta)?;
     let adapter_bytes = peft_core::fsio::folder_bytes(out)?;
+    let has_batch_norms = !parts.registry.batch_norms().is_empty();
     write_card(
         out,
         recipe_path,
         overrides,
         &spec,
+        has_batch_norms,
         trainable,
         adapter_bytes,
         &summary,
@@ -199,6 +201,7 @@ fn write_card(
     recipe: &Path,
     overrides: &[String],
     spec: &ImageModelSpec,
+    has_batch_norms: bool,
     trainable: usize,
     adapter_bytes: u64,
     summary: &TrainSummary,
@@ -219,10 +222,12 @@ fn write_card(
     s.push_str("| | |\n| --- | --- |\n");
     s.push_str(&format!("| trainable parameters | {trainable} |\n"));
     s.push_str(&format!("| adapter size | {adapter_bytes} bytes |\n"));
-    s.push_str(&format!(
-        "| BatchNorm while training | {:?} |\n",
-        spec.batch_norm
-    ));
+    if has_batch_norms {
+        s.push_str(&format!(
+            "| BatchNorm while training | {:?} |\n",
+            spec.batch_norm
+        ));
+    }
     if let Some(best) = &summary.best {
         s.push_str(&format!(
             "| validation accuracy (best epoch {}) | {:.4} |\n",
