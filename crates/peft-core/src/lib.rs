@@ -26,6 +26,7 @@ mod registry;
 mod site;
 mod switch;
 mod target;
+pub mod test_utils;
 mod weights;
 
 pub use batch_norm::{BatchNorm2d, BatchNormMode, RunningState};

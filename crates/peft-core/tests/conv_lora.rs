@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{
     adapter_io, AdapterConfig, ConvGeometry, LoraConfig, ModelBuilder, TunableConv2d,
     TunableLinear, TunedParts, TuningPlan, WeightSource,
@@ -83,17 +84,6 @@ impl TinyCnn {
 
 fn lora() -> AdapterConfig {
     AdapterConfig::Lora(LoraConfig::new(2, 4.0, &["conv1", "conv2", "conv3", "fc"]))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn load(name: &str) -> std::collections::HashMap<String, Tensor> {

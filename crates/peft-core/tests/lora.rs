@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::adapter_io::{self, AdapterMeta};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{
     AdapterConfig, LinearAdapter, LoraConfig, ModelBuilder, TargetModules, TunableLinear,
     TunedParts, TuningPlan, WeightSource,
@@ -94,17 +95,6 @@ fn try_build(seed: u64, cfg: LoraConfig) -> peft_core::Result<Tiny> {
 /// The LoRA layer of `l`'s active adapter.
 fn lora_of(l: &TunableLinear) -> Arc<dyn LinearAdapter> {
     l.active_adapter().expect("an active adapter")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn input() -> Tensor {

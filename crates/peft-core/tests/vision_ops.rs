@@ -7,6 +7,7 @@ use peft_core::ops::{
     affine_act, batch_norm_train, batch_norm_train_reference, depthwise_conv2d,
     depthwise_conv2d_reference, ClampAct,
 };
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{BatchNorm2d, BatchNormMode};
 
 fn seeded(shape: &[usize], seed: u64) -> Tensor {
@@ -21,19 +22,6 @@ fn seeded(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

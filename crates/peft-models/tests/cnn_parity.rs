@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{adapter_io, BatchNormMode, ModelBuilder, TuningPlan, WeightSource};
 use peft_models::{read_pth, ImageModelOptions, MobileNetV2, ResNet, ResNetDepth};
 
@@ -30,20 +31,6 @@ fn load(name: &str) -> HashMap<String, Tensor> {
     f.into_iter()
         .map(|(k, v)| (k, v.to_dtype(DType::F32).expect("f32")))
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn mobilenet_checkpoint() -> Option<WeightSource> {

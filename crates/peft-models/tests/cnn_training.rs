@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::adapter_io::{self, AdapterMeta};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{
     AdapterConfig, BatchNormMode, LoraConfig, ModelBuilder, TargetModules, TuningPlan, WeightSource,
 };
@@ -63,17 +64,6 @@ fn train_step(m: &MobileNetV2, x: &Tensor) -> Vec<String> {
         }
     }
     with_grad
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn meta(m: &MobileNetV2) -> AdapterMeta {

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{ModelBuilder, TuningPlan, WeightSource};
 use peft_models::dinov2::{dinov2_weights, Dinov2Model};
 use peft_models::read_onnx_dinov2;
@@ -33,20 +34,6 @@ fn fixtures() -> PathBuf {
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).expect("fixture")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn backbone(path: &Path) -> (Dinov2Model, peft_models::dinov2::Dinov2Config) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_core::methods::bottleneck::{Activation, BottleneckConfig, Placement};
 use peft_core::methods::{add_weighted_adapter, Combination};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{
     adapter_io, AdapterConfig, Ia3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
     TuningPlan,
@@ -62,17 +63,6 @@ fn inputs() -> (Tensor, Tensor, Tensor) {
 fn logits(m: &BertForTokenClassification) -> Tensor {
     let (ids, types, mask) = inputs();
     m.forward(&ids, &types, &mask, false).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn bottleneck(placement: Placement) -> BottleneckConfig {

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{adapter_io, AdapterConfig, PeftError, PromptTuningConfig, TunedParts, TuningPlan};
 use peft_models::{
     dinov2_image_classifier, dinov2_onnx_image_classifier, resolve_model, vit_image_classifier,
@@ -30,20 +31,6 @@ fn files(dir: &Path) -> ModelFiles {
 fn pixels(fixture: &str, key: &str) -> Tensor {
     let f = candle_core::safetensors::load(fixtures().join(fixture), &Device::Cpu).unwrap();
     f[key].clone()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The plan of peft's adapter fixture `case`, also training `unfreeze` outright.

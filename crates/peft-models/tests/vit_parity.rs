@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use peft_core::test_utils::max_abs_diff as max_diff;
 use peft_core::{adapter_io, ModelBuilder, PeftError, TuningPlan};
 use peft_models::dinov2::{dinov2_weights, Dinov2Config};
 use peft_models::vit::ViTConfig;
@@ -29,20 +30,6 @@ fn files(name: &str) -> ModelFiles {
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("fixture")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check(what: &str, ours: &Tensor, theirs: &Tensor) {

@@ -82,9 +82,14 @@ impl<'a> TensorData<'a> {
         Ok(())
     }
 
-    fn raw_values<const N: usize>(&self, raw: &[u8], width: &str) -> Res<Vec<[u8; N]>> {
-        let n = self.numel()?;
-        if raw.len() != n.saturating_mul(N) {
+    /// `raw` as little-endian values of `N` bytes each (as many as the shape holds), through `f`.
+    fn raw_values<T, const N: usize>(
+        &self,
+        raw: &[u8],
+        width: &str,
+        f: impl Fn([u8; N]) -> T,
+    ) -> Res<Vec<T>> {
+        if raw.len() != self.numel()?.saturating_mul(N) {
             return Err(format!(
                 "{}: {} bytes of data for shape {:?} of {width}",
                 self.label(),
@@ -94,74 +99,55 @@ impl<'a> TensorData<'a> {
         }
         Ok(raw
             .chunks_exact(N)
-            .map(|c| c.try_into().expect("N bytes"))
+            .map(|c| f(c.try_into().expect("N bytes")))
             .collect())
+    }
+
+    /// `values` (from the typed repeated fields) when there are as many as the shape holds.
+    fn counted<T: Clone>(&self, values: &[T]) -> Res<Vec<T>> {
+        if values.len() != self.numel()? {
+            return Err(format!(
+                "{}: {} values for shape {:?}",
+                self.label(),
+                values.len(),
+                self.dims
+            ));
+        }
+        Ok(values.to_vec())
+    }
+
+    fn wrong_type<T>(&self, expected: &str) -> Res<T> {
+        Err(format!(
+            "{}: data type {} where {expected} was expected",
+            self.label(),
+            self.data_type
+        ))
     }
 
     /// The values of a float32 (or float64) tensor, in row-major order.
     pub(crate) fn to_f32(&self) -> Res<Vec<f32>> {
         self.check_stored()?;
-        let values: Vec<f32> = match (self.data_type, self.raw) {
-            (FLOAT, Some(raw)) => self
-                .raw_values::<4>(raw, "float32")?
-                .into_iter()
-                .map(f32::from_le_bytes)
-                .collect(),
-            (FLOAT, None) => self.floats.clone(),
-            (DOUBLE, Some(raw)) => self
-                .raw_values::<8>(raw, "float64")?
-                .into_iter()
-                .map(|b| f64::from_le_bytes(b) as f32)
-                .collect(),
-            (t, _) => {
-                return Err(format!(
-                    "{}: data type {t} where float32 was expected",
-                    self.label()
-                ))
+        match (self.data_type, self.raw) {
+            (FLOAT, Some(raw)) => self.raw_values(raw, "float32", f32::from_le_bytes),
+            (FLOAT, None) => self.counted(&self.floats),
+            (DOUBLE, Some(raw)) => {
+                self.raw_values(raw, "float64", |b| f64::from_le_bytes(b) as f32)
             }
-        };
-        if values.len() != self.numel()? {
-            return Err(format!(
-                "{}: {} values for shape {:?}",
-                self.label(),
-                values.len(),
-                self.dims
-            ));
+            _ => self.wrong_type("float32"),
         }
-        Ok(values)
     }
 
     /// The values of an int64 (or int32) tensor, in row-major order.
     pub(crate) fn to_i64(&self) -> Res<Vec<i64>> {
         self.check_stored()?;
-        let values: Vec<i64> = match (self.data_type, self.raw) {
-            (INT64, Some(raw)) => self
-                .raw_values::<8>(raw, "int64")?
-                .into_iter()
-                .map(i64::from_le_bytes)
-                .collect(),
-            (INT32, Some(raw)) => self
-                .raw_values::<4>(raw, "int32")?
-                .into_iter()
-                .map(|b| i64::from(i32::from_le_bytes(b)))
-                .collect(),
-            (INT64 | INT32, None) => self.ints.clone(),
-            (t, _) => {
-                return Err(format!(
-                    "{}: data type {t} where an integer was expected",
-                    self.label()
-                ))
+        match (self.data_type, self.raw) {
+            (INT64, Some(raw)) => self.raw_values(raw, "int64", i64::from_le_bytes),
+            (INT32, Some(raw)) => {
+                self.raw_values(raw, "int32", |b| i64::from(i32::from_le_bytes(b)))
             }
-        };
-        if values.len() != self.numel()? {
-            return Err(format!(
-                "{}: {} values for shape {:?}",
-                self.label(),
-                values.len(),
-                self.dims
-            ));
+            (INT64 | INT32, None) => self.counted(&self.ints),
+            _ => self.wrong_type("an integer"),
         }
-        Ok(values)
     }
 }
 
@@ -292,5 +278,99 @@ impl<'a> Graph<'a> {
             Some(Attribute::Tensor(t)) => Some(t),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn int_field(n: u32, v: u64, out: &mut Vec<u8>) {
+        varint(u64::from(n) << 3, out);
+        varint(v, out);
+    }
+
+    fn bytes_field(n: u32, b: &[u8], out: &mut Vec<u8>) {
+        varint((u64::from(n) << 3) | 2, out);
+        varint(b.len() as u64, out);
+        out.extend_from_slice(b);
+    }
+
+    /// A TensorProto named `t` of `dims` and `data_type`, with `raw` as raw_data if given.
+    fn tensor(dims: &[u64], data_type: u64, raw: Option<&[u8]>, extra: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for &d in dims {
+            int_field(1, d, &mut m);
+        }
+        int_field(2, data_type, &mut m);
+        bytes_field(8, b"t", &mut m);
+        if let Some(raw) = raw {
+            bytes_field(9, raw, &mut m);
+        }
+        m.extend_from_slice(extra);
+        m
+    }
+
+    #[test]
+    fn tensors_decode_from_raw_and_typed_fields() {
+        let raw: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let msg = tensor(&[2, 2], 1, Some(&raw), &[]);
+        let t = TensorData::parse(&msg).unwrap();
+        assert_eq!((t.name, t.shape().unwrap()), ("t", vec![2, 2]));
+        assert_eq!(t.to_f32().unwrap(), [1.5, -2.0, 0.25, 8.0]);
+        assert!(t.to_i64().unwrap_err().contains("data type 1"));
+        // float_data, packed
+        let mut extra = Vec::new();
+        bytes_field(4, &raw[..8], &mut extra);
+        let msg = tensor(&[2], 1, None, &extra);
+        assert_eq!(
+            TensorData::parse(&msg).unwrap().to_f32().unwrap(),
+            [1.5, -2.0]
+        );
+        // int32 raw data widened; int64_data
+        let ints: Vec<u8> = [-3i32, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let msg = tensor(&[2], 6, Some(&ints), &[]);
+        assert_eq!(TensorData::parse(&msg).unwrap().to_i64().unwrap(), [-3, 7]);
+        let mut extra = Vec::new();
+        int_field(7, 42, &mut extra);
+        let msg = tensor(&[1], 7, None, &extra);
+        assert_eq!(TensorData::parse(&msg).unwrap().to_i64().unwrap(), [42]);
+    }
+
+    #[test]
+    fn inconsistent_or_external_tensors_are_refused() {
+        // Three floats' bytes for a 2×2 shape.
+        let msg = tensor(&[2, 2], 1, Some(&[0u8; 12]), &[]);
+        let err = TensorData::parse(&msg).unwrap().to_f32().unwrap_err();
+        assert!(err.contains("12 bytes") && err.contains("[2, 2]"), "{err}");
+        // A shape whose element count overflows.
+        let msg = tensor(&[u64::MAX >> 2, u64::MAX >> 2], 1, Some(&[]), &[]);
+        let err = TensorData::parse(&msg).unwrap().to_f32().unwrap_err();
+        assert!(err.contains("invalid shape"), "{err}");
+        // Data in an external file (data_location = EXTERNAL).
+        let mut extra = Vec::new();
+        int_field(14, 1, &mut extra);
+        let err = TensorData::parse(&tensor(&[1], 1, None, &extra))
+            .unwrap()
+            .to_f32()
+            .unwrap_err();
+        assert!(err.contains("external data"), "{err}");
+        // Too few typed values.
+        let err = TensorData::parse(&tensor(&[3], 7, None, &[]))
+            .unwrap()
+            .to_i64()
+            .unwrap_err();
+        assert!(err.contains("0 values for shape [3]"), "{err}");
     }
 }
