@@ -69,9 +69,9 @@ fn export(
         .collect();
     let merged = out.join(format!("merged_{name}"));
     if base.ends_with(".onnx") {
-        write_merged_onnx_dinov2_classifier(parts, Path::new(base), &id2label, &merged)?;
+        write_merged_onnx_dinov2_classifier(parts, Path::new(base), &id2label, None, &merged)?;
     } else {
-        write_merged_hf_image_classifier(parts, &resolve_model(base)?, &id2label, &merged)?;
+        write_merged_hf_image_classifier(parts, &resolve_model(base)?, &id2label, None, &merged)?;
     }
     println!("{}", merged.display());
     Ok(())

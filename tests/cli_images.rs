@@ -223,6 +223,15 @@ fn dinov2_onnx_recipe_trains_reloads_and_merges() {
     assert_eq!(config["architectures"][0], "Dinov2ForImageClassification");
     assert_eq!(config["num_attention_heads"], 4);
     assert_eq!(config["id2label"]["0"], "blue");
+    // transformers' image processor for the recipe's preprocessing (16×16 here).
+    let processor: Value = serde_json::from_str(
+        &std::fs::read_to_string(merged.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(processor["image_processor_type"], "BitImageProcessor");
+    assert_eq!(processor["size"]["shortest_edge"], 16);
+    assert_eq!(processor["crop_size"]["height"], 16);
+    assert_eq!(processor["image_mean"][0], 0.485);
     let mut bad: Vec<String> = vec![
         "train".into(),
         "recipes/vit-dinov2-fashion-mnist.toml".into(),

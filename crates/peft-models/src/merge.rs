@@ -2,10 +2,10 @@
 //! - a Hugging Face token classifier (`model.safetensors` + `config.json` + the tokenizer files)
 //!   that transformers loads as `BertForTokenClassification`;
 //! - a Hugging Face ViT or DINOv2 image classifier (`model.safetensors` under the transformers 4
-//!   key names that Hub checkpoints and `save_pretrained` use, `config.json`, and the base's
-//!   `preprocessor_config.json`) that transformers 4 and 5 load as `ViTForImageClassification` /
-//!   `Dinov2ForImageClassification` (also for a DINOv2 read from an ONNX graph, with a
-//!   `config.json` made from the graph);
+//!   key names that Hub checkpoints and `save_pretrained` use, `config.json`, and a
+//!   `preprocessor_config.json`: the adapter's preprocessing, or the base's) that transformers 4
+//!   and 5 load as `ViTForImageClassification` / `Dinov2ForImageClassification` (also for a
+//!   DINOv2 read from an ONNX graph, with a `config.json` made from the graph);
 //! - a torchvision CNN in torchvision's state-dict layout (BatchNorm statistics included) that
 //!   `load_state_dict` takes with `strict=True`.
 //!
@@ -209,36 +209,53 @@ fn hf_image_layout(config: &Value, path: &Path) -> Result<HfImageLayout> {
 /// `files`) with labels `id2label` to `out`: `model.safetensors` in f32 under the transformers 4
 /// key names (`vit.encoder.layer.<i>.attention.attention.query.weight`, ...) that transformers 4
 /// and 5 both load, the base `config.json` naming `ViTForImageClassification` /
-/// `Dinov2ForImageClassification` and the classes, and the base's `preprocessor_config.json`
-/// when it has one; each file atomically. Returns the number of tensors.
+/// `Dinov2ForImageClassification` and the classes, and `preprocessor`
+/// (`ImageConfig::hf_image_processor` of the preprocessing the adapter was trained with) as
+/// `preprocessor_config.json`, or without it the base's when it has one; each file atomically.
+/// Returns the number of tensors.
 pub fn write_merged_hf_image_classifier(
     parts: &TunedParts,
     files: &ModelFiles,
     id2label: &BTreeMap<String, String>,
+    preprocessor: Option<&Value>,
     out: &Path,
 ) -> Result<usize> {
     let config = read_config(&files.config)?;
     let layout = hf_image_layout(&config, &files.config)?;
     let base = (layout.weights)(&files.weights)?;
-    let beside = read_beside(&files.config, &["preprocessor_config.json"])?;
+    let beside = match preprocessor {
+        Some(p) => vec![preprocessor_file(p)],
+        None => read_beside(&files.config, &[PREPROCESSOR])?,
+    };
     write_hf_image_classifier(parts, &base, &layout, config, &beside, id2label, out)
 }
 
 /// Writes the merged checkpoint of a DINOv2 image classifier whose base is the backbone of the
 /// ONNX graph at `graph` ([`crate::onnx`]): the same Hugging Face `Dinov2ForImageClassification`
 /// folder as [`write_merged_hf_image_classifier`], with a `config.json` made from the
-/// configuration the graph implies (no `preprocessor_config.json`: the graph has none).
+/// configuration the graph implies (and `preprocessor` as `preprocessor_config.json` if given:
+/// the graph has none).
 pub fn write_merged_onnx_dinov2_classifier(
     parts: &TunedParts,
     graph: &Path,
     id2label: &BTreeMap<String, String>,
+    preprocessor: Option<&Value>,
     out: &Path,
 ) -> Result<usize> {
     let backbone = crate::onnx::read_onnx_dinov2(graph)?;
     let config = backbone.config.to_json();
     let layout = hf_image_layout(&config, graph)?;
     let base = WeightSource::Map(backbone.weights);
-    write_hf_image_classifier(parts, &base, &layout, config, &[], id2label, out)
+    let beside: Vec<_> = preprocessor.map(preprocessor_file).into_iter().collect();
+    write_hf_image_classifier(parts, &base, &layout, config, &beside, id2label, out)
+}
+
+const PREPROCESSOR: &str = "preprocessor_config.json";
+
+/// `preprocessor` as the `preprocessor_config.json` file to write.
+fn preprocessor_file(preprocessor: &Value) -> (String, Vec<u8>) {
+    let text = serde_json::to_string_pretty(preprocessor).unwrap_or_default();
+    (PREPROCESSOR.to_string(), text.into_bytes())
 }
 
 /// The merged tensors under the layout's checkpoint keys in f32, `config` naming the

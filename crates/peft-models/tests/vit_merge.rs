@@ -116,7 +116,7 @@ fn merged_vit_folder_rebuilds_the_adapted_model() {
     let adapted = model.forward(&px, false).unwrap();
 
     let out = tmp.path().join("merged");
-    let n = write_merged_hf_image_classifier(&model.parts, &base, &labels(5), &out).unwrap();
+    let n = write_merged_hf_image_classifier(&model.parts, &base, &labels(5), None, &out).unwrap();
     let keys = merged_keys(
         &out,
         &[
@@ -178,7 +178,7 @@ fn merged_dinov2_folder_rebuilds_the_adapted_model() {
     let adapted = model.forward(&px, false).unwrap();
 
     let out = tmp.path().join("merged");
-    write_merged_hf_image_classifier(&model.parts, &base, &labels(4), &out).unwrap();
+    write_merged_hf_image_classifier(&model.parts, &base, &labels(4), None, &out).unwrap();
     merged_keys(
         &out,
         &[
@@ -226,7 +226,20 @@ fn merged_onnx_dinov2_folder_rebuilds_the_adapted_model() {
     let adapted = model.forward(&px, false).unwrap();
 
     let out = tmp.path().join("merged");
-    write_merged_onnx_dinov2_classifier(&model.parts, &graph, &labels(4), &out).unwrap();
+    let preprocessor = serde_json::json!({"image_processor_type": "BitImageProcessor"});
+    write_merged_onnx_dinov2_classifier(
+        &model.parts,
+        &graph,
+        &labels(4),
+        Some(&preprocessor),
+        &out,
+    )
+    .unwrap();
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written, preprocessor);
     merged_keys(
         &out,
         &[
@@ -298,7 +311,8 @@ fn refusals_name_the_cause_and_write_nothing() {
     .unwrap();
     let bert = files(&fixtures().join("../tiny-bert"));
     let out = tmp.path().join("merged");
-    let err = write_merged_hf_image_classifier(&model.parts, &bert, &labels(5), &out).unwrap_err();
+    let err =
+        write_merged_hf_image_classifier(&model.parts, &bert, &labels(5), None, &out).unwrap_err();
     assert!(
         matches!(&err, PeftError::Config { key, message } if key == "model_type"
             && message.contains("tiny-bert")),

@@ -1,7 +1,8 @@
 //! `peft-rs merge`: fold the adapter into the base weights and write a plain checkpoint that
 //! loads without peft: a Hugging Face `BertForTokenClassification`; for an image adapter on a
 //! ViT or DINOv2, a Hugging Face `ViTForImageClassification` / `Dinov2ForImageClassification`
-//! folder in the Hub's (transformers 4) key layout with the new head and classes; for one on a
+//! folder in the Hub's (transformers 4) key layout with the new head, the classes and an image
+//! processor config for the adapter's preprocessing; for one on a
 //! CNN, a torchvision state dict with the new head and the trained BatchNorm statistics.
 
 use std::path::Path;
@@ -38,11 +39,14 @@ fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
     let a = load_image_adapter(adapter, &Device::Cpu)?;
     let spec = &a.spec;
     let arch = spec.architecture.as_deref();
+    // transformers' image processor for the preprocessing the adapter was trained with.
+    let preprocessor = a.data.preprocess.hf_image_processor();
     let (n, layout) = if let Some(graph) = peft_models::onnx_graph(&spec.name, arch)? {
         let n = peft_models::write_merged_onnx_dinov2_classifier(
             a.model.parts(),
             graph,
             &a.meta.id2label,
+            Some(&preprocessor),
             out,
         );
         let layout = format!("Hugging Face layout, DINOv2 read from {}", graph.display());
@@ -64,6 +68,7 @@ fn run_image(adapter: &Path, out: &Path, base: Option<&str>) -> Result<()> {
             a.model.parts(),
             &files,
             &a.meta.id2label,
+            Some(&preprocessor),
             out,
         );
         (n, "Hugging Face layout".to_string())

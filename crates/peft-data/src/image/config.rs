@@ -144,6 +144,34 @@ impl ImageConfig {
         }
     }
 
+    /// The `preprocessor_config.json` with which transformers' `AutoImageProcessor` prepares
+    /// images as this evaluation path does: a `BitImageProcessor` that converts to RGB, resizes
+    /// the shorter side to `resize` (bilinear, as Pillow), center-crops `crop`, rescales by 1/255
+    /// and normalises with `mean`/`std` (checked against `peft-rs predict` by
+    /// tests/fixtures/dinov2_onnx/check_merged_adapter.py).
+    pub fn hf_image_processor(&self) -> serde_json::Value {
+        // f32 statistics written as the decimals they were given in (0.485, not 0.48500001).
+        let decimal = |v: &[f32; 3]| -> Vec<f64> {
+            v.iter()
+                .map(|x| format!("{x}").parse().unwrap_or(f64::from(*x)))
+                .collect()
+        };
+        serde_json::json!({
+            "image_processor_type": "BitImageProcessor",
+            "do_convert_rgb": true,
+            "do_resize": true,
+            "size": { "shortest_edge": self.resize },
+            "resample": 2,
+            "do_center_crop": true,
+            "crop_size": { "height": self.crop, "width": self.crop },
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": decimal(&self.mean),
+            "image_std": decimal(&self.std),
+        })
+    }
+
     /// Checks every option's range; the error names the option.
     pub fn validate(&self) -> Result<()> {
         if self.resize == 0 {
