@@ -1,7 +1,11 @@
 //! BatchNorm over channels-last activations, with PyTorch's train/eval semantics and the choice,
 //! per model, of updating the running statistics while training or keeping them frozen.
+//!
+//! Running statistics are kept per adapter, as peft keeps a BatchNorm in `modules_to_save`: each
+//! named adapter has its own (a copy of the base's until it trains or loads its own), and with
+//! no adapter active (none added, or adapters disabled) the base's are used and updated.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use candle_core::{DType, Tensor};
@@ -9,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::ops::{affine_act, batch_norm_train, ClampAct};
+use crate::switch::AdapterSwitch;
 
 /// What BatchNorm layers do while training.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,20 +38,33 @@ pub struct RunningState {
     tracked: u64,
 }
 
+impl RunningState {
+    /// The running mean and variance (f32).
+    pub fn stats(&self) -> (&Tensor, &Tensor) {
+        (&self.mean, &self.var)
+    }
+
+    /// Batches tracked into them since the model's construction.
+    pub fn tracked_batches(&self) -> u64 {
+        self.tracked
+    }
+}
+
 /// A 2-D BatchNorm at a known module path: gain and shift (frozen tensors or trainable `Var`s by
-/// plan) and running statistics.
+/// plan) and running statistics, per adapter.
 #[derive(Debug)]
 pub struct BatchNorm2d {
     path: String,
     weight: Tensor,
     bias: Tensor,
-    running: RwLock<(Tensor, Tensor)>,
+    /// The running statistics by adapter (`None`: the base's, used with no adapter active);
+    /// `tracked` counts the batches that went into them since this model's construction
+    /// (PyTorch's `num_batches_tracked`).
+    running: RwLock<BTreeMap<Option<String>, RunningState>>,
+    switch: AdapterSwitch,
     eps: f64,
     momentum: f64,
     mode: BatchNormMode,
-    /// Batches whose statistics went into the running averages (PyTorch's
-    /// `num_batches_tracked`, counted from this model's construction).
-    tracked: AtomicU64,
 }
 
 impl BatchNorm2d {
@@ -62,16 +80,53 @@ impl BatchNorm2d {
         momentum: f64,
         mode: BatchNormMode,
     ) -> Self {
+        let base = RunningState {
+            mean: running_mean,
+            var: running_var,
+            tracked: 0,
+        };
         Self {
             path,
             weight,
             bias,
-            running: RwLock::new((running_mean, running_var)),
+            running: RwLock::new(BTreeMap::from([(None, base)])),
+            switch: AdapterSwitch::default(),
             eps,
             momentum,
             mode,
-            tracked: AtomicU64::new(0),
         }
+    }
+
+    /// The layer with its statistics following `switch`'s active adapter (the model builder
+    /// passes the registry's; without one, the base's statistics are always used).
+    pub(crate) fn with_switch(mut self, switch: AdapterSwitch) -> Self {
+        self.switch = switch;
+        self
+    }
+
+    /// The state of `adapter` (`None`: the base): its own, else a copy of the base's.
+    pub fn state_of(&self, adapter: &Option<String>) -> RunningState {
+        let running = self.running.read().unwrap_or_else(|e| e.into_inner());
+        running
+            .get(adapter)
+            .or_else(|| running.get(&None))
+            .cloned()
+            .expect("the base state is always present")
+    }
+
+    fn set_state_of(&self, adapter: Option<String>, state: RunningState) {
+        self.running
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(adapter, state);
+    }
+
+    /// Forgets adapter `name`'s statistics (the adapter was deleted).
+    pub(crate) fn remove_adapter(&self, name: &str) {
+        self.running
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&Some(name.to_string()));
     }
 
     /// The gain (a trainable `Var`'s tensor when unfrozen).
@@ -84,9 +139,9 @@ impl BatchNorm2d {
         &self.bias
     }
 
-    /// Batches tracked into the running statistics since construction.
+    /// Batches tracked into the active adapter's running statistics since construction.
     pub fn tracked_batches(&self) -> u64 {
-        self.tracked.load(Ordering::Relaxed)
+        self.running_state().tracked
     }
 
     /// The module path.
@@ -99,16 +154,24 @@ impl BatchNorm2d {
         self.mode
     }
 
-    /// The running mean and variance (f32).
+    /// The active adapter's running mean and variance (f32).
     pub fn running_stats(&self) -> (Tensor, Tensor) {
-        self.running
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let s = self.running_state();
+        (s.mean, s.var)
     }
 
-    /// Replaces the running statistics (loading a trained adapter).
+    /// Replaces the active adapter's running statistics (loading a trained adapter).
     pub fn set_running_stats(&self, mean: Tensor, var: Tensor) -> Result<()> {
+        self.set_running_stats_of(self.switch.active(), mean, var)
+    }
+
+    /// Replaces adapter `adapter`'s running statistics (`None`: the base's), active or not.
+    pub fn set_running_stats_of(
+        &self,
+        adapter: Option<String>,
+        mean: Tensor,
+        var: Tensor,
+    ) -> Result<()> {
         let (m0, _) = self.running_stats();
         if mean.dims() != m0.dims() || var.dims() != m0.dims() {
             return Err(crate::PeftError::ShapeMismatch {
@@ -118,27 +181,27 @@ impl BatchNorm2d {
                 found: mean.dims().to_vec(),
             });
         }
-        *self.running.write().unwrap_or_else(|e| e.into_inner()) =
-            (mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?);
+        let tracked = self.state_of(&adapter).tracked;
+        let state = RunningState {
+            mean: mean.to_dtype(DType::F32)?,
+            var: var.to_dtype(DType::F32)?,
+            tracked,
+        };
+        self.set_state_of(adapter, state);
         Ok(())
     }
 
-    /// The running statistics and batch count as they are now. Cheap: training replaces the
-    /// statistics' tensors rather than writing into them, so the state keeps its own.
+    /// The active adapter's running statistics and batch count as they are now. Cheap: training
+    /// replaces the statistics' tensors rather than writing into them, so the state keeps its
+    /// own.
     pub fn running_state(&self) -> RunningState {
-        let (mean, var) = self.running_stats();
-        RunningState {
-            mean,
-            var,
-            tracked: self.tracked_batches(),
-        }
+        self.state_of(&self.switch.active())
     }
 
-    /// Puts back a state taken with [`Self::running_state`] (the best epoch's, after training).
+    /// Puts back a state taken with [`Self::running_state`] (the best epoch's, after training)
+    /// as the active adapter's.
     pub fn restore_running_state(&self, state: &RunningState) {
-        *self.running.write().unwrap_or_else(|e| e.into_inner()) =
-            (state.mean.clone(), state.var.clone());
-        self.tracked.store(state.tracked, Ordering::Relaxed);
+        self.set_state_of(self.switch.active(), state.clone());
     }
 
     /// The per-channel `(scale, shift)` of evaluation: `w/√(var + ε)` and `b − mean·scale`.
@@ -169,15 +232,18 @@ impl BatchNorm2d {
             let n = stats.rows as f64;
             let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
             let m = self.momentum;
-            let mut running = self.running.write().unwrap_or_else(|e| e.into_inner());
-            let device = running.0.device().clone();
+            let adapter = self.switch.active();
+            let old = self.state_of(&adapter);
+            let device = old.mean.device().clone();
             let c = stats.mean.len();
             let mean = Tensor::from_vec(stats.mean, c, &device)?;
             let var = Tensor::from_vec(stats.var, c, &device)?;
-            let new_mean = ((&running.0 * (1.0 - m))? + (mean * m)?)?;
-            let new_var = ((&running.1 * (1.0 - m))? + (var * (m * unbias))?)?;
-            *running = (new_mean, new_var);
-            self.tracked.fetch_add(1, Ordering::Relaxed);
+            let state = RunningState {
+                mean: ((&old.mean * (1.0 - m))? + (mean * m)?)?,
+                var: ((&old.var * (1.0 - m))? + (var * (m * unbias))?)?,
+                tracked: old.tracked + 1,
+            };
+            self.set_state_of(adapter, state);
             return Ok(y);
         }
         let trainable = train && (self.weight.is_variable() || self.bias.is_variable());

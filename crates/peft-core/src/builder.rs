@@ -311,16 +311,19 @@ impl ModelBuilder {
             Ok(b.load_base(&full, &Shape::from(channels), init)?
                 .to_dtype(DType::F32)?)
         };
-        let bn = Arc::new(BatchNorm2d::new(
-            b.path(),
-            b.param("weight", channels, Init::Ones)?,
-            b.param("bias", channels, Init::Zeros)?,
-            stat("running_mean", Init::Zeros)?,
-            stat("running_var", Init::Ones)?,
-            eps,
-            momentum,
-            mode,
-        ));
+        let bn = Arc::new(
+            BatchNorm2d::new(
+                b.path(),
+                b.param("weight", channels, Init::Ones)?,
+                b.param("bias", channels, Init::Zeros)?,
+                stat("running_mean", Init::Zeros)?,
+                stat("running_var", Init::Ones)?,
+                eps,
+                momentum,
+                mode,
+            )
+            .with_switch(self.shared.registry.switch()),
+        );
         self.shared.registry.insert_batch_norm(bn.clone())?;
         Ok(bn)
     }

@@ -341,3 +341,59 @@ fn merged_state_dict_rebuilds_the_adapted_model() {
     let diff = max_diff(&plain.forward(&x, false).unwrap(), &adapted);
     assert!(diff < 1e-4, "merged logits differ by {diff}");
 }
+
+/// BatchNorm running statistics are per adapter, as peft keeps a BatchNorm in
+/// `modules_to_save`: two adapters trained on different images and saved, then loaded into one
+/// model (the first as trained, the second by name), each give their own model's logits when
+/// active; with adapters disabled the statistics are the base's, untouched by either.
+#[test]
+fn batch_norm_statistics_follow_the_active_adapter() {
+    let base = model(TuningPlan::default(), BatchNormMode::Update);
+    let base_stats = base.parts.registry.batch_norms()[3].running_stats();
+    let x = images(4, 1);
+    let trained: Vec<_> = [5, 8]
+        .into_iter()
+        .map(|data| {
+            let m = model(lora_plan(), BatchNormMode::Update);
+            train_step(&m, &images(4, data));
+            let dir = tempfile::tempdir().unwrap();
+            adapter_io::save(dir.path(), &m.parts, "base", "", &meta(&m)).unwrap();
+            (dir, m.forward(&x, false).unwrap())
+        })
+        .collect();
+    let both = model(lora_plan(), BatchNormMode::Update);
+    adapter_io::load_trained(trained[0].0.path(), &both.parts).unwrap();
+    adapter_io::load_adapter(trained[1].0.path(), &both.parts, "second").unwrap();
+    let registry = &both.parts.registry;
+    let first = registry.adapter_names()[0].clone();
+    let check = |want: &Tensor, what: &str| {
+        let d = max_diff(&both.forward(&x, false).unwrap(), want);
+        assert!(d < 1e-6, "{what}: logits differ by {d}");
+    };
+    check(&trained[0].1, "first adapter");
+    registry.set_active("second").unwrap();
+    check(&trained[1].1, "second adapter, loaded by name");
+    assert!(
+        max_diff(&trained[0].1, &trained[1].1) > 1e-3,
+        "the two adapters differ"
+    );
+    registry.disable().unwrap();
+    let bn = &registry.batch_norms()[3];
+    let (mean, var) = bn.running_stats();
+    assert_eq!(max_diff(&mean, &base_stats.0), 0.0, "disabled: base mean");
+    assert_eq!(max_diff(&var, &base_stats.1), 0.0, "disabled: base var");
+    registry.enable();
+    registry.set_active(&first).unwrap();
+    check(&trained[0].1, "first adapter again");
+    // Saving the selected adapter while adapters are disabled writes its statistics.
+    registry.disable().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapter_io::save(dir.path(), &both.parts, "base", "", &meta(&both)).unwrap();
+    registry.enable();
+    let again = model(lora_plan(), BatchNormMode::Update);
+    adapter_io::load_trained(dir.path(), &again.parts).unwrap();
+    let d = max_diff(&again.forward(&x, false).unwrap(), &trained[0].1);
+    assert!(d < 1e-6, "saved while disabled: logits differ by {d}");
+    registry.delete_adapter("second").unwrap();
+    check(&trained[0].1, "after deleting the second");
+}

@@ -116,6 +116,8 @@ pub fn modules_to_save(base_trainables: &ParamStore) -> Vec<String> {
 /// (`weight`, `bias` unless they are trainable parameters saved anyway, `running_mean`,
 /// `running_var`, `num_batches_tracked`), so that Python peft loads it too.
 pub fn batch_norm_state(parts: &TunedParts) -> Result<Vec<(String, Tensor)>> {
+    // The selected adapter's statistics, as [`save`] writes it even while adapters are disabled.
+    let selected = parts.registry.switch().selected();
     let mut out = Vec::new();
     for bn in parts.registry.batch_norms() {
         if bn.mode() != crate::BatchNormMode::Update {
@@ -127,10 +129,11 @@ pub fn batch_norm_state(parts: &TunedParts) -> Result<Vec<(String, Tensor)>> {
                 out.push((format!("{p}.{name}"), t.to_dtype(DType::F32)?));
             }
         }
-        let (mean, var) = bn.running_stats();
-        out.push((format!("{p}.running_mean"), mean));
-        out.push((format!("{p}.running_var"), var));
-        let count = Tensor::new(bn.tracked_batches() as i64, &Device::Cpu)?;
+        let state = bn.state_of(&selected);
+        let (mean, var) = state.stats();
+        out.push((format!("{p}.running_mean"), mean.clone()));
+        out.push((format!("{p}.running_var"), var.clone()));
+        let count = Tensor::new(state.tracked_batches() as i64, &Device::Cpu)?;
         out.push((format!("{p}.num_batches_tracked"), count));
     }
     Ok(out)
@@ -363,7 +366,9 @@ pub fn load_adapter(dir: &Path, parts: &TunedParts, name: &str) -> Result<()> {
         {
             targets.insert(&n, v)?;
         }
-        load_weights(dir, &targets)?;
+        // BatchNorm statistics in the file become this adapter's own.
+        let batch_norms = parts.registry.batch_norms();
+        load_checked(dir, &targets, &batch_norms, Some(name))?;
         parts.registry.finish_heads(heads)
     })();
     if let Err(e) = loaded {
@@ -377,20 +382,23 @@ pub fn load_adapter(dir: &Path, parts: &TunedParts, name: &str) -> Result<()> {
 /// (presence, shape, no extras) before any parameter changes, so a bad file leaves the model as it
 /// was.
 pub fn load_weights(dir: &Path, params: &ParamStore) -> Result<()> {
-    load_checked(dir, params, &[])
+    load_checked(dir, params, &[], None)
 }
 
 /// [`load_weights`] for a model with BatchNorms: the file's running statistics (saved by
 /// [`save`] for layers that update them, or by peft for BatchNorms in `modules_to_save`) are
 /// loaded too, checked with everything else before anything changes.
 pub fn load_trained(dir: &Path, parts: &TunedParts) -> Result<()> {
-    load_checked(dir, &parts.params, &parts.registry.batch_norms())
+    load_checked(dir, &parts.params, &parts.registry.batch_norms(), None)
 }
 
+/// Loads the file into `params` and the BatchNorms' running statistics: those of adapter
+/// `stats_of`, or of the active one when `None`.
 fn load_checked(
     dir: &Path,
     params: &ParamStore,
     batch_norms: &[std::sync::Arc<crate::BatchNorm2d>],
+    stats_of: Option<&str>,
 ) -> Result<()> {
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() {
@@ -478,7 +486,10 @@ fn load_checked(
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     for (bn, mean, var) in stats {
-        bn.set_running_stats(mean, var)?;
+        match stats_of {
+            Some(name) => bn.set_running_stats_of(Some(name.to_string()), mean, var)?,
+            None => bn.set_running_stats(mean, var)?,
+        }
     }
     Ok(())
 }

@@ -419,6 +419,9 @@ impl Registry {
         for c in self.convs() {
             c.remove_adapter(name);
         }
+        for bn in self.batch_norms() {
+            bn.remove_adapter(name);
+        }
         let mut inner = self.lock();
         for h in inner.hooks.values() {
             h.site.remove(name);
