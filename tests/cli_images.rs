@@ -18,16 +18,16 @@ fn repo() -> PathBuf {
         .unwrap()
 }
 
-fn run(args: &[&str]) -> Output {
+fn run<S: AsRef<str>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(args)
+        .args(args.iter().map(|a| a.as_ref()))
         .current_dir(repo())
         .env("PEFT_RS_LOG", "warn")
         .output()
         .expect("running peft-rs")
 }
 
-fn ok(args: &[&str]) -> String {
+fn ok<S: AsRef<str> + std::fmt::Debug>(args: &[S]) -> String {
     let o = run(args);
     assert!(
         o.status.success(),
@@ -37,7 +37,7 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn fails(args: &[&str], needles: &[&str]) {
+fn fails<S: AsRef<str> + std::fmt::Debug>(args: &[S], needles: &[&str]) {
     let o = run(args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "peft-rs {args:?} should fail");
@@ -70,6 +70,15 @@ fn image_folder(root: &Path) {
             }
         }
     }
+}
+
+/// `train RECIPE --quiet` with each of `sets` as a `--set` override.
+fn train_args(recipe: &str, sets: &[String]) -> Vec<String> {
+    let mut args = vec!["train".to_string(), recipe.into(), "--quiet".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    args
 }
 
 fn summary(run_dir: &Path) -> Value {
@@ -110,11 +119,7 @@ fn vit_recipe_trains_reloads_evaluates_and_predicts() {
     let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
     let model = repo().join("tests/fixtures/vit/vit_tiny");
     let sets = tiny_run_sets(&model, &data, &adapter, &run_dir);
-    let mut args = vec!["train", "recipes/vit-fashion-mnist.toml", "--quiet"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    ok(&args);
+    ok(&train_args("recipes/vit-fashion-mnist.toml", &sets));
     let s = summary(&run_dir);
     assert_eq!(
         s["train"]["steps"],
@@ -194,11 +199,7 @@ fn dinov2_onnx_recipe_trains_reloads_and_merges() {
     let (adapter, run_dir) = (tmp.path().join("adapter"), tmp.path().join("run"));
     let graph = repo().join("tests/fixtures/dinov2_onnx/tiny_eager.onnx");
     let sets = tiny_run_sets(&graph, &data, &adapter, &run_dir);
-    let mut args = vec!["train", "recipes/vit-dinov2-fashion-mnist.toml", "--quiet"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    ok(&args);
+    ok(&train_args("recipes/vit-dinov2-fashion-mnist.toml", &sets));
     let s = summary(&run_dir);
     let valid = s["train"]["best"]["score"].as_f64().unwrap();
     let a = adapter.to_str().unwrap();
@@ -232,18 +233,12 @@ fn dinov2_onnx_recipe_trains_reloads_and_merges() {
     assert_eq!(processor["size"]["shortest_edge"], 16);
     assert_eq!(processor["crop_size"]["height"], 16);
     assert_eq!(processor["image_mean"][0], 0.485);
-    let mut bad: Vec<String> = vec![
-        "train".into(),
-        "recipes/vit-dinov2-fashion-mnist.toml".into(),
-    ];
-    for s in sets
-        .iter()
-        .chain(&["model.architecture=resnet50".to_string()])
-    {
-        bad.extend(["--set".to_string(), s.clone()]);
-    }
-    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
-    fails(&bad, &["tiny_eager.onnx", "ONNX graph", "resnet50"]);
+    let mut bad = sets;
+    bad.push("model.architecture=resnet50".into());
+    fails(
+        &train_args("recipes/vit-dinov2-fashion-mnist.toml", &bad),
+        &["tiny_eager.onnx", "ONNX graph", "resnet50"],
+    );
 }
 
 #[test]
@@ -274,28 +269,15 @@ fn bad_images_and_folders_are_named() {
         sets.extend_from_slice(extra);
         sets
     };
-    let args_of = |sets: &[String]| {
-        let mut args = vec![
-            "train".to_string(),
-            "recipes/vit-fashion-mnist.toml".into(),
-            "--quiet".into(),
-        ];
-        for s in sets {
-            args.extend(["--set".to_string(), s.clone()]);
-        }
-        args
-    };
-    let fail_args = args_of(&base(&[]));
-    let fail_refs: Vec<&str> = fail_args.iter().map(String::as_str).collect();
-    fails(&fail_refs, &["broken.png"]);
-    let skip_args = args_of(&base(&["images.preprocess.on_bad_image=skip".into()]));
-    let skip_refs: Vec<&str> = skip_args.iter().map(String::as_str).collect();
-    ok(&skip_refs);
+    let recipe = "recipes/vit-fashion-mnist.toml";
+    fails(&train_args(recipe, &base(&[])), &["broken.png"]);
+    ok(&train_args(
+        recipe,
+        &base(&["images.preprocess.on_bad_image=skip".into()]),
+    ));
     std::fs::remove_file(data.join("train/red/broken.png")).unwrap();
     std::fs::create_dir_all(data.join("train/yellow")).unwrap();
-    let empty_args = args_of(&base(&[]));
-    let empty_refs: Vec<&str> = empty_args.iter().map(String::as_str).collect();
-    fails(&empty_refs, &["yellow"]);
+    fails(&train_args(recipe, &base(&[])), &["yellow"]);
     // A recipe for images without [images], and a torchvision name that does not exist.
     fails(
         &[

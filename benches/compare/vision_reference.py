@@ -131,6 +131,18 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def load_data(data_dir: Path, train_limit: int, test_limit: int, seed: int):
+    """(train images, train labels, test images, test labels): a seeded stratified subset of `train_limit`
+    training images and the first `test_limit` test images (0: all)."""
+    train_images, train_labels = load_split(data_dir, "train")
+    test_images, test_labels = load_split(data_dir, "test")
+    sub = stratified_subset(train_labels, train_limit, seed)
+    train_images, train_labels = train_images[sub], train_labels[sub]
+    if test_limit > 0:
+        test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
+    return train_images, train_labels, test_images, test_labels
+
+
 def resize_transform(size: int) -> T.Compose:
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.Grayscale(num_output_channels=3)])
 
@@ -269,12 +281,8 @@ def main() -> None:
         print(f"[{time.time() - started:8.1f}s] {msg}", flush=True)
 
     # data
-    train_images, train_labels = load_split(args.data_dir, "train")
-    test_images, test_labels = load_split(args.data_dir, "test")
-    sub = stratified_subset(train_labels, args.train_limit, args.seed)
-    train_images, train_labels = train_images[sub], train_labels[sub]
-    if args.test_limit > 0:
-        test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
+    train_images, train_labels, test_images, test_labels = load_data(
+        args.data_dir, args.train_limit, args.test_limit, args.seed)
     n_train, n_test = len(train_labels), len(test_labels)
     log(f"Fashion-MNIST: train {n_train} (per class {np.bincount(train_labels, minlength=10).tolist()}), "
         f"test {n_test}; data path {args.data}")

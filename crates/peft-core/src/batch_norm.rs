@@ -50,6 +50,17 @@ impl RunningState {
     }
 }
 
+/// `adapter`'s state in `running`: its own, else the base's (always present).
+fn own_or_base<'a>(
+    running: &'a BTreeMap<Option<String>, RunningState>,
+    adapter: &Option<String>,
+) -> &'a RunningState {
+    running
+        .get(adapter)
+        .or_else(|| running.get(&None))
+        .expect("the base state is always present")
+}
+
 /// A 2-D BatchNorm at a known module path: gain and shift (frozen tensors or trainable `Var`s by
 /// plan) and running statistics, per adapter.
 #[derive(Debug)]
@@ -107,11 +118,7 @@ impl BatchNorm2d {
     /// The state of `adapter` (`None`: the base): its own, else a copy of the base's.
     pub fn state_of(&self, adapter: &Option<String>) -> RunningState {
         let running = self.running.read().unwrap_or_else(|e| e.into_inner());
-        running
-            .get(adapter)
-            .or_else(|| running.get(&None))
-            .cloned()
-            .expect("the base state is always present")
+        own_or_base(&running, adapter).clone()
     }
 
     fn set_state_of(&self, adapter: Option<String>, state: RunningState) {
@@ -119,6 +126,19 @@ impl BatchNorm2d {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(adapter, state);
+    }
+
+    /// Replaces `adapter`'s state by `f` of its current one (its own, else the base's), under
+    /// one write lock, so that concurrent updates are not lost.
+    fn update_state_of(
+        &self,
+        adapter: Option<String>,
+        f: impl FnOnce(&RunningState) -> Result<RunningState>,
+    ) -> Result<()> {
+        let mut running = self.running.write().unwrap_or_else(|e| e.into_inner());
+        let next = f(own_or_base(&running, &adapter))?;
+        running.insert(adapter, next);
+        Ok(())
     }
 
     /// Forgets adapter `name`'s statistics (the adapter was deleted).
@@ -181,14 +201,14 @@ impl BatchNorm2d {
                 found: mean.dims().to_vec(),
             });
         }
-        let tracked = self.state_of(&adapter).tracked;
-        let state = RunningState {
-            mean: mean.to_dtype(DType::F32)?,
-            var: var.to_dtype(DType::F32)?,
-            tracked,
-        };
-        self.set_state_of(adapter, state);
-        Ok(())
+        let (mean, var) = (mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?);
+        self.update_state_of(adapter, |old| {
+            Ok(RunningState {
+                mean,
+                var,
+                tracked: old.tracked,
+            })
+        })
     }
 
     /// The active adapter's running statistics and batch count as they are now. Cheap: training
@@ -232,18 +252,17 @@ impl BatchNorm2d {
             let n = stats.rows as f64;
             let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
             let m = self.momentum;
-            let adapter = self.switch.active();
-            let old = self.state_of(&adapter);
-            let device = old.mean.device().clone();
-            let c = stats.mean.len();
-            let mean = Tensor::from_vec(stats.mean, c, &device)?;
-            let var = Tensor::from_vec(stats.var, c, &device)?;
-            let state = RunningState {
-                mean: ((&old.mean * (1.0 - m))? + (mean * m)?)?,
-                var: ((&old.var * (1.0 - m))? + (var * (m * unbias))?)?,
-                tracked: old.tracked + 1,
-            };
-            self.set_state_of(adapter, state);
+            self.update_state_of(self.switch.active(), |old| {
+                let device = old.mean.device();
+                let c = stats.mean.len();
+                let mean = Tensor::from_vec(stats.mean, c, device)?;
+                let var = Tensor::from_vec(stats.var, c, device)?;
+                Ok(RunningState {
+                    mean: ((&old.mean * (1.0 - m))? + (mean * m)?)?,
+                    var: ((&old.var * (1.0 - m))? + (var * (m * unbias))?)?,
+                    tracked: old.tracked + 1,
+                })
+            })?;
             return Ok(y);
         }
         let trainable = train && (self.weight.is_variable() || self.bias.is_variable());

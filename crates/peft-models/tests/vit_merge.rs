@@ -99,6 +99,22 @@ fn base_with_preprocessor(tmp: &Path, name: &str) -> PathBuf {
     dir
 }
 
+/// The DINOv2 classifier the crate's loader builds from the merged folder `out` (no adapter,
+/// 4 classes) gives `adapted` for `px` within [`TOL`].
+fn assert_dinov2_folder_rebuilds(out: &Path, px: &Tensor, adapted: &Tensor, what: &str) {
+    let plain = dinov2_image_classifier(
+        &files(out),
+        TuningPlan::default(),
+        4,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let d = max_diff(&plain.forward(px, false).unwrap(), adapted);
+    eprintln!("{what} merged folder vs adapted model: max abs logits diff {d:.3e}");
+    assert!(d < TOL, "merged {what} logits differ by {d}");
+}
+
 #[test]
 fn merged_vit_folder_rebuilds_the_adapted_model() {
     let tmp = TempDir::new().unwrap();
@@ -199,17 +215,7 @@ fn merged_dinov2_folder_rebuilds_the_adapted_model() {
     assert_eq!(config["num_labels"], 4);
     assert!(!out.join("preprocessor_config.json").exists());
 
-    let plain = dinov2_image_classifier(
-        &files(&out),
-        TuningPlan::default(),
-        4,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
-    let d = max_diff(&plain.forward(&px, false).unwrap(), &adapted);
-    eprintln!("dinov2 merged folder vs adapted model: max abs logits diff {d:.3e}");
-    assert!(d < TOL, "merged DINOv2 logits differ by {d}");
+    assert_dinov2_folder_rebuilds(&out, &px, &adapted, "dinov2");
 }
 
 /// A DINOv2 read out of an ONNX graph (tests/fixtures/dinov2_onnx: the dinov2_tiny weights
@@ -265,17 +271,7 @@ fn merged_onnx_dinov2_folder_rebuilds_the_adapted_model() {
         "transformers 5.24 wants an int"
     );
 
-    let plain = dinov2_image_classifier(
-        &files(&out),
-        TuningPlan::default(),
-        4,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
-    let d = max_diff(&plain.forward(&px, false).unwrap(), &adapted);
-    eprintln!("onnx dinov2 merged folder vs adapted model: max abs logits diff {d:.3e}");
-    assert!(d < TOL, "merged ONNX DINOv2 logits differ by {d}");
+    assert_dinov2_folder_rebuilds(&out, &px, &adapted, "onnx dinov2");
 }
 
 /// ViT and DINOv2 offer no virtual tokens or hook points, so the methods without a merge are

@@ -98,10 +98,7 @@ fn projection_weight(
     node: &Node<'_>,
     scope: &str,
 ) -> Res<Option<(String, Tensor)>> {
-    if node.op_type != "MatMul" {
-        return Ok(None);
-    }
-    let Some(path) = node.name.strip_prefix(scope) else {
+    let Some(key) = matmul_weight_key(node, scope) else {
         return Ok(None);
     };
     let Some(w) = node.inputs.get(1).and_then(|i| graph.initializers.get(i)) else {
@@ -110,9 +107,6 @@ fn projection_weight(
     if !w.name.starts_with("onnx::") {
         return Ok(None);
     }
-    let Some((module, _)) = path.rsplit_once('/') else {
-        return Err(format!("node `{}`: no module scope in its name", node.name));
-    };
     let shape = w.shape()?;
     let [fan_in, fan_out] = shape[..] else {
         return Err(format!(
@@ -124,7 +118,18 @@ fn projection_weight(
         .t()
         .and_then(|t| t.contiguous())
         .map_err(|e| e.to_string())?;
-    Ok(Some((format!("{}.weight", module.replace('/', ".")), t)))
+    Ok(Some((key, t)))
+}
+
+/// The checkpoint key of the weight a `MatMul` node in the backbone's `scope` multiplies by:
+/// its module scope as dots (`/backbone/encoder/layer.0/mlp/fc1/MatMul` under `/backbone/`
+/// gives `encoder.layer.0.mlp.fc1.weight`); `None` for other nodes.
+fn matmul_weight_key(node: &Node<'_>, scope: &str) -> Option<String> {
+    if node.op_type != "MatMul" {
+        return None;
+    }
+    let (module, _) = node.name.strip_prefix(scope)?.rsplit_once('/')?;
+    Some(format!("{}.weight", module.replace('/', ".")))
 }
 
 /// The position table as torch.onnx's constant folding leaves it: a class part `[1, 1, hidden]`
@@ -163,14 +168,7 @@ fn folded_positions(graph: &Graph<'_>, scope: &str) -> Res<Tensor> {
             ))
         }
     };
-    let n = patches.dims[1] as usize;
-    let side = (n as f64).sqrt().round() as usize;
-    if side * side != n {
-        return Err(format!(
-            "the patch position table `{}` has {n} rows, not a square grid",
-            patches.name
-        ));
-    }
+    // Whether the rows make a square grid is checked with the table's shape in `config`.
     let class = tensor(class.to_f32()?, class.shape()?)?;
     let patches = tensor(patches.to_f32()?, patches.shape()?)?;
     Tensor::cat(&[&class, &patches], 1).map_err(|e| e.to_string())
@@ -230,7 +228,7 @@ fn config(
     Ok(Dinov2Config {
         hidden_size: hidden,
         num_hidden_layers: layers,
-        num_attention_heads: attention_heads(graph, hidden, &layer0)?,
+        num_attention_heads: attention_heads(graph, hidden, scope)?,
         mlp_ratio: mlp as f64 / hidden as f64,
         hidden_act: exact_gelu(graph, &layer0)?,
         hidden_dropout_prob: 0.0,
@@ -248,19 +246,16 @@ fn config(
 
 /// The number of heads: the shape the query projection is reshaped to ends with
 /// `[heads, head_dim]` (`[-1, head_dim]` in transformers 5).
-fn attention_heads(graph: &Graph<'_>, hidden: usize, layer0: &str) -> Res<usize> {
+fn attention_heads(graph: &Graph<'_>, hidden: usize, scope: &str) -> Res<usize> {
     let query = graph
         .nodes
         .iter()
         .find(|n| {
-            n.op_type == "MatMul"
-                && n.name.strip_prefix(layer0).is_some_and(|p| {
-                    let module = p.rsplit_once('/').map_or(p, |(m, _)| m);
-                    let key = format!("encoder.layer.0.{}.weight", module.replace('/', "."));
-                    convert_dinov2_key(&key) == "encoder.layer.0.attention.q_proj.weight"
-                })
+            matmul_weight_key(n, scope).is_some_and(|key| {
+                convert_dinov2_key(&key) == "encoder.layer.0.attention.q_proj.weight"
+            })
         })
-        .ok_or_else(|| format!("no query projection MatMul under {layer0}"))?;
+        .ok_or_else(|| format!("no query projection MatMul under {scope}encoder/layer.0/"))?;
     let mut value = query.outputs.first().copied().unwrap_or_default();
     for _ in 0..4 {
         // Shape nodes also read the projection (for the batch and sequence sizes): skip them.
